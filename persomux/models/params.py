@@ -1,0 +1,332 @@
+"""Checkpoint I/O: Hugging Face directories <-> `Trunk` modules.
+
+Only safetensors are read, by a small reader over a memory map: nothing is
+ever unpickled. Each tensor is read, cast straight to the target dtype and
+placed on device one at a time, so loading never holds a second full copy of
+the model in host memory. `hf_name` is the whole mapping from module paths to
+Hugging Face tensor names (weights keep HF's `[out, in]` layout).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from persomux.models.config import TrunkConfig
+from persomux.models.modeling import Trunk
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory persomux cannot load; the message names the file."""
+
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+# --- safetensors ---------------------------------------------------------------
+
+
+class SafetensorsFile:
+  """Read-only, zero-copy view of one `.safetensors` file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+      (n,) = struct.unpack("<Q", raw)
+      size = os.fstat(f.fileno()).st_size
+      if n > size - 8:
+        raise CheckpointError(f"{path}: not a safetensors file (header length {n} exceeds file size)")
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from e
+      self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
+    self._data_start = 8 + n
+    header.pop("__metadata__", None)
+    self.entries: dict[str, dict[str, Any]] = header
+
+  def keys(self):
+    return self.entries.keys()
+
+  def get(self, name: str) -> np.ndarray:
+    e = self.entries[name]
+    if e["dtype"] not in _DTYPES:
+      raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+    dtype = np.dtype(_DTYPES[e["dtype"]])
+    start, end = e["data_offsets"]
+    count = int(np.prod(e["shape"], dtype=np.int64))
+    if end - start != count * dtype.itemsize:
+      raise CheckpointError(f"{self.path}: tensor {name!r} has {end - start} bytes, expected "
+                            f"{count * dtype.itemsize} for shape {e['shape']} {e['dtype']}")
+    if count == 0:
+      return np.zeros(e["shape"], dtype)
+    return np.frombuffer(self._mmap, dtype=dtype, count=count,
+                         offset=self._data_start + start).reshape(e["shape"])
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+  """Writes `tensors` to `path` atomically (temp file + rename), one at a time."""
+  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+  offset = 0
+  for name, arr in tensors.items():
+    nbytes = arr.size * arr.dtype.itemsize
+    header[name] = {"dtype": _DTYPE_NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for arr in tensors.values():
+      f.write(np.ascontiguousarray(arr).tobytes())
+  os.replace(tmp, path)
+
+
+class TensorStore:
+  """All tensors of a checkpoint directory: single file or sharded with an index."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index = os.path.join(directory, INDEX_FILE)
+    single = os.path.join(directory, SINGLE_FILE)
+    self.files: dict[str, SafetensorsFile] = {}
+    self.where: dict[str, str] = {}
+    if os.path.isfile(index):
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from e
+      for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(directory, shard)
+        if not os.path.isfile(shard_path):
+          raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {directory}")
+        self.files[shard] = SafetensorsFile(shard_path)
+      for name, shard in weight_map.items():
+        if name not in self.files[shard].entries:
+          raise CheckpointError(f"{index}: maps tensor {name!r} to {shard}, which does not contain it")
+        self.where[name] = shard
+    elif os.path.isfile(single):
+      self.files[SINGLE_FILE] = SafetensorsFile(single)
+      self.where = {name: SINGLE_FILE for name in self.files[SINGLE_FILE].keys()}
+    else:
+      shards = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+      if shards:
+        for s in shards:
+          sf = SafetensorsFile(s)
+          self.files[os.path.basename(s)] = sf
+          self.where.update({name: os.path.basename(s) for name in sf.keys()})
+        return
+      pickles = sorted(p for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(directory, pat)))
+      if pickles:
+        raise CheckpointError(
+            f"{directory}: holds only pickle weights ({', '.join(map(os.path.basename, pickles))}); "
+            "persomux loads safetensors only and never unpickles. Convert the checkpoint to "
+            "model.safetensors (e.g. save_pretrained(..., safe_serialization=True)) in a trusted environment.")
+      raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.where
+
+  def file_of(self, name: str) -> str:
+    return os.path.join(self.directory, self.where[name])
+
+  def get(self, name: str) -> np.ndarray:
+    return self.files[self.where[name]].get(name)
+
+
+# --- name mapping --------------------------------------------------------------
+
+_LAYER_RULES = {
+    # module path inside a layer -> HF name inside `model.layers.{i}.`
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_post_norm.weight": "post_attention_layernorm.weight",
+    "mlp_post_norm.weight": "post_feedforward_layernorm.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+}
+
+
+def hf_name(path: tuple, cfg: TrunkConfig, prefix: str = "model.") -> str:
+  """Hugging Face tensor name of the `Trunk` state entry at `path`.
+
+  `prefix` is the text model's prefix: "model." for `*ForCausalLM`, e.g.
+  "model.language_model." for `Gemma3ForConditionalGeneration`.
+  """
+  key = ".".join(str(p) for p in path)
+  if key == "embed_tokens":
+    return prefix + "embed_tokens.weight"
+  if key == "norm.weight":
+    return prefix + "norm.weight"
+  if key == "lm_head":
+    return "lm_head.weight"
+  m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+  if not m:
+    raise KeyError(f"no Hugging Face name for module path {key!r}")
+  i, rest = m.groups()
+  if rest == "mlp_norm.weight":
+    hf = "pre_feedforward_layernorm.weight" if cfg.family in ("gemma2", "gemma3_text") \
+        else "post_attention_layernorm.weight"
+  elif rest in _LAYER_RULES:
+    hf = _LAYER_RULES[rest]
+  else:
+    mm = re.fullmatch(r"(attn|mlp)\.(\w+)_(proj|bias)", rest)
+    if not mm:
+      raise KeyError(f"no Hugging Face name for module path {key!r}")
+    block, proj, kind = mm.groups()
+    hf = f"{'self_attn' if block == 'attn' else 'mlp'}.{proj}_proj.{'weight' if kind == 'proj' else 'bias'}"
+  return f"{prefix}layers.{i}.{hf}"
+
+
+_TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+def _text_prefix(store: TensorStore, cfg: TrunkConfig) -> str:
+  candidates = _TEXT_PREFIXES[1:] if cfg.multimodal else _TEXT_PREFIXES[:1]
+  for p in candidates:
+    if p + "embed_tokens.weight" in store:
+      return p
+  raise CheckpointError(
+      f"{store.directory}: tensor {candidates[0] + 'embed_tokens.weight'!r} is missing "
+      f"(looked for the embedding under {', '.join(candidates)})")
+
+
+# --- load / save ---------------------------------------------------------------
+
+
+def _abstract_trunk(cfg: TrunkConfig, dtype, remat: bool) -> Trunk:
+  return nnx.eval_shape(lambda: Trunk(cfg, dtype=dtype, rngs=None, remat=remat))
+
+
+def load_trunk(path: str, *, dtype="float32", remat: bool = False,
+               place: Callable[[tuple, np.ndarray, Any], jax.Array] | None = None) -> Trunk:
+  """Loads the `Trunk` stored in a Hugging Face directory.
+
+  Args:
+    path: local directory with config.json and safetensors weights.
+    dtype: parameter dtype; every tensor is cast to it as it is read.
+    remat: rematerialize decoder layers in the backward pass.
+    place: `(module_path, host_array, target_dtype) -> jax.Array`; default puts
+      the tensor on the default device. The sharded loader passes one that
+      reads only each device's shard.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such model directory")
+  cfg = TrunkConfig.from_pretrained(path)
+  dtype = jnp.dtype(dtype)
+  store = TensorStore(path)
+  prefix = _text_prefix(store, cfg)
+  graphdef, state = nnx.split(_abstract_trunk(cfg, dtype, remat))
+  place = place or (lambda _, a, dt: jax.device_put(np.asarray(a, dtype=dt)))
+  flat = nnx.to_flat_state(state)
+  values = []
+  for mpath, var in flat:
+    want = var.get_value()
+    name = hf_name(mpath, cfg, prefix)
+    if name == "lm_head.weight" and name not in store and "language_model.lm_head.weight" in store:
+      name = "language_model.lm_head.weight"
+    if name not in store:
+      raise CheckpointError(f"{path}: tensor {name!r} is missing (needed for {cfg.family}, "
+                            f"shape {tuple(want.shape)})")
+    arr = store.get(name)
+    if tuple(arr.shape) != tuple(want.shape):
+      raise CheckpointError(f"{store.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                            f"expected {tuple(want.shape)} from config.json")
+    values.append(place(mpath, arr, want.dtype))
+  state = nnx.from_flat_state([(p, v.replace(value)) for (p, v), value in zip(flat, values)])
+  return nnx.merge(graphdef, state)
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of a Hugging Face directory, via transformers' AutoTokenizer (offline)."""
+  from transformers import AutoTokenizer
+
+  names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+  if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+    raise CheckpointError(f"{path}: no tokenizer files ({', '.join(names)}); pass tokenizer=False "
+                          "to load the weights alone")
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_model(path: str, *, dtype="float32", tokenizer: bool = True, remat: bool = False, mesh=None):
+  """Loads a frozen trunk and its tokenizer from a local Hugging Face directory.
+
+  Returns `(model, tokenizer)`; `tokenizer` is None when `tokenizer=False`.
+  With a `mesh`, each weight is read straight into its shards (see
+  `persomux.sharding`).
+  """
+  place = None
+  if mesh is not None:
+    from persomux import sharding
+
+    place = sharding.shard_placer(mesh)
+  model = load_trunk(path, dtype=dtype, remat=remat, place=place)
+  return model, (load_tokenizer(path) if tokenizer else None)
+
+
+def iter_hf_tensors(model: Trunk) -> Iterator[tuple[str, np.ndarray]]:
+  """`(hf_name, host array)` for every trunk tensor, in module order."""
+  cfg = model.config
+  for mpath, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    yield hf_name(mpath, cfg), np.asarray(jax.device_get(var.get_value()))
+
+
+def save_model(model: Trunk, tokenizer, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes `model` (and `tokenizer`, if given) as a Hugging Face directory.
+
+  The result loads with `transformers.AutoModelForCausalLM.from_pretrained`
+  and with `load_model`. Multimodal Gemma 3 trunks are written as their text
+  model (`Gemma3ForCausalLM`). Weights larger than `max_shard_bytes` are split
+  into `model-0000x-of-0000y.safetensors` shards with an index.
+  """
+  os.makedirs(path, exist_ok=True)
+  dtype_name = jnp.dtype(model.dtype).name
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, arr in iter_hf_tensors(model):
+    if shards[-1] and size + arr.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = arr
+    size += arr.nbytes
+  if len(shards) == 1:
+    write_safetensors(os.path.join(path, SINGLE_FILE), shards[0])
+  else:
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      write_safetensors(os.path.join(path, fname), shard)
+      weight_map.update({n: fname for n in shard})
+      total += sum(a.nbytes for a in shard.values())
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(model.config.to_hf_dict(dtype=dtype_name), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
