@@ -1,0 +1,269 @@
+"""Training stages: the loss, one jitted step, and resumable phased loops.
+
+Stage 1 (codebook pretraining) is two phases: a warmup in which only the bias
+tokens train (W and every m_i frozen, m_i = 0), then W, b and all m_i jointly.
+Stage 2 (new classes) is one phase in which only the new classes' mixtures
+train. A phase names what trains with a `PromptParam` subtype; frozen
+parameters get no optimizer state and stay bitwise unchanged.
+
+Batches are dicts of numpy arrays (see `persomux.data`): `input_ids`,
+`attention_mask`, `loss_mask` `[batch, seq]`, `soft_index`, `class_ids`
+`[batch]`. `loss_mask[b, t] = 1` marks token t as a target; it is predicted
+from the position just before it in the spliced sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from persomux import prompts as prompts_lib
+from persomux.checkpoint import Checkpointer
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss; the last good checkpoint is left intact."""
+
+
+class BatchSource(Protocol):
+  """Deterministic batches: the same (epoch, index) always gives the same batch."""
+
+  def steps_per_epoch(self) -> int: ...
+
+  def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]: ...
+
+
+# --- loss ------------------------------------------------------------------------
+
+
+def token_nll(trunk, prompt, batch: dict[str, jax.Array], bias_scale=1.0):
+  """Per-token negative log-likelihood of the targets.
+
+  Returns `(nll [batch, seq], mask [batch, seq])`, where `mask` is the loss mask
+  (token 0 never counts). With `prompt=None` the trunk runs without soft tokens.
+  """
+  ids = batch["input_ids"]
+  b, t = ids.shape
+  embeds = trunk.embed(ids)
+  if prompt is None:
+    h = trunk.hidden_states(embeds, batch["attention_mask"])
+    token_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+  else:
+    soft, soft_len = prompt(batch["class_ids"], bias_scale)
+    embeds, mask, positions, token_index = prompts_lib.splice(
+        embeds, batch["attention_mask"], soft, soft_len, batch["soft_index"])
+    h = trunk.hidden_states(embeds, mask, positions)
+  # The hidden state just before each token (in the spliced sequence) predicts it.
+  pred = jnp.maximum(token_index - 1, 0)
+  h = jnp.take_along_axis(h, pred[..., None], axis=1)
+  logits = trunk.logits(h)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  gold = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
+  mask = batch["loss_mask"].astype(jnp.float32) * (jnp.arange(t) > 0)[None, :]
+  return (logz - gold) * mask, mask
+
+
+def mean_loss(trunk, prompt, batch, bias_scale=1.0):
+  nll, mask = token_nll(trunk, prompt, batch, bias_scale)
+  return nll.sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+@nnx.jit
+def train_step(trunk, prompt, opt, batch):
+  """One optimizer step on the parameters `opt` was built for; returns (loss, grad norm)."""
+  diff = nnx.DiffState(0, opt.wrt)
+  loss, grads = nnx.value_and_grad(lambda p: mean_loss(trunk, p, batch), argnums=diff)(prompt)
+  opt.update(prompt, grads)
+  return loss, optax.global_norm(grads)
+
+
+@nnx.jit
+def _row_losses(trunk, prompt, batch, bias_scale):
+  nll, mask = token_nll(trunk, prompt, batch, bias_scale)
+  return nll.sum(-1), mask.sum(-1)
+
+
+def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale=1.0,
+             num_classes: int | None = None) -> dict[str, Any]:
+  """Token-mean test loss overall and per class id.
+
+  Returns `{"loss": float, "per_class": {class_id: float}, "tokens": int}`.
+  """
+  sums: dict[int, float] = {}
+  counts: dict[int, float] = {}
+  for batch in batches:
+    s, c = jax.device_get(_row_losses(trunk, prompt, batch, jnp.float32(bias_scale)))
+    for cid, si, ci in zip(np.asarray(batch["class_ids"]), s, c):
+      if ci > 0:
+        sums[int(cid)] = sums.get(int(cid), 0.0) + float(si)
+        counts[int(cid)] = counts.get(int(cid), 0.0) + float(ci)
+  total = sum(counts.values())
+  return {"loss": sum(sums.values()) / max(total, 1.0),
+          "per_class": {c: sums[c] / counts[c] for c in sorted(sums)},
+          "tokens": int(total)}
+
+
+# --- optimizer ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-3
+  schedule: str = "constant"  # constant | cosine | linear
+  warmup_steps: int = 0
+  clip_norm: float | None = 1.0
+  adam_eps: float = 1e-4  # the paper's Adam epsilon
+  b1: float = 0.9
+  b2: float = 0.999
+
+  @classmethod
+  def from_config(cls, cfg) -> "OptimConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+
+
+def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  if cfg.schedule == "constant":
+    lr = optax.constant_schedule(cfg.learning_rate)
+  elif cfg.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps - cfg.warmup_steps, 1))
+  elif cfg.schedule == "linear":
+    lr = optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - cfg.warmup_steps, 1))
+  else:
+    raise ValueError(f"optim.schedule is {cfg.schedule!r}; expected constant, cosine or linear")
+  if cfg.warmup_steps:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), lr],
+                              [cfg.warmup_steps])
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+  parts.append(optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps))
+  return optax.chain(*parts)
+
+
+# --- phased, resumable loop --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Phase:
+  """A stretch of training with one set of trainable parameters.
+
+  `steps` counts optimizer steps; batch `i` of the phase is batch
+  `i % steps_per_epoch` of epoch `i // steps_per_epoch` of `data`.
+  """
+
+  name: str
+  wrt: type
+  data: BatchSource
+  steps: int
+  optim: OptimConfig
+
+
+class MetricsLog:
+  """Appends one JSON object per line to `path`."""
+
+  def __init__(self, path: str | None):
+    self.path = path
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def write(self, **record):
+    if self.path:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _host0() -> bool:
+  return jax.process_index() == 0
+
+
+def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = None,
+               checkpoint_every: int = 100, eval_fn: Callable[[], dict] | None = None,
+               eval_every: int = 0, stage: str = "train", on_step: Callable[[int], None] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+  """Runs `phases` in order, resuming from the latest checkpoint in `workdir`.
+
+  Checkpoints (orbax, atomic) go to `workdir/checkpoints/<stage>` every
+  `checkpoint_every` steps and at the end of each phase, holding the prompt
+  state, the optimizer state and the position `(phase, step)`. A resumed run
+  replays the same batches and ends with the same parameters as an
+  uninterrupted one. A non-finite loss raises `TrainingDiverged` before
+  anything is saved. Metrics go to `workdir/metrics.jsonl`.
+
+  Returns `{"final_loss": float, "steps": int}`.
+  """
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage)) if workdir else None
+  log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
+  offsets = np.cumsum([0] + [p.steps for p in phases])
+  resume_phase, resume_step, resume_opt = 0, 0, None
+  last_loss = float("nan")
+  if ckpt is not None and ckpt.latest_step() is not None:
+    meta = ckpt.read_meta()
+    resume_phase, resume_step = int(meta["phase"]), int(meta["step"])
+    if resume_phase >= len(phases) or meta.get("phase_name") != phases[resume_phase].name:
+      raise ValueError(f"{ckpt.directory}: checkpoint is from phase {meta.get('phase_name')!r}, "
+                       "which this run's phases do not match; use a fresh workdir")
+    # The optimizer of the checkpointed phase restores with it, even if that
+    # phase was complete: its state shape depends on what trained.
+    resume_opt = nnx.Optimizer(prompt, make_tx(phases[resume_phase].optim, phases[resume_phase].steps),
+                               wrt=phases[resume_phase].wrt)
+    ckpt.restore({"prompt": prompt, "opt": resume_opt})
+    last_loss = float(meta.get("loss", last_loss))
+    if _host0():
+      print(f"[{stage}] resumed from {ckpt.directory}: phase {phases[resume_phase].name!r} "
+            f"step {resume_step}/{phases[resume_phase].steps}")
+  for pi, phase in enumerate(phases):
+    if pi < resume_phase:
+      continue
+    if pi == resume_phase and resume_opt is not None:
+      opt, first = resume_opt, resume_step
+    else:
+      opt, first = nnx.Optimizer(prompt, make_tx(phase.optim, phase.steps), wrt=phase.wrt), 0
+    if first >= phase.steps:
+      continue
+    spe = phase.data.steps_per_epoch()
+    if spe <= 0:
+      raise ValueError(f"phase {phase.name!r}: the data yields no batches")
+    bar = tqdm(range(first, phase.steps), desc=f"{stage}/{phase.name}", initial=first, total=phase.steps,
+               disable=not (progress and _host0()), dynamic_ncols=True)
+    t0, tokens = time.perf_counter(), 0
+    for step in bar:
+      batch = phase.data.batch(step // spe, step % spe)
+      loss, gnorm = train_step(trunk, prompt, opt, batch)
+      loss = float(loss)
+      if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"[{stage}/{phase.name}] loss is {loss} at step {step}; stopped without saving. "
+            f"The last good checkpoint in {ckpt.directory if ckpt else '(none)'} is intact; "
+            "lower the learning rate or check the data.")
+      last_loss = loss
+      tokens += int(np.asarray(batch["attention_mask"]).sum())
+      gstep = int(offsets[pi]) + step + 1
+      rate = tokens / max(time.perf_counter() - t0, 1e-9)
+      bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+      log.write(event="train", stage=stage, phase=phase.name, step=gstep, loss=loss,
+                grad_norm=float(gnorm), tokens_per_s=rate)
+      done = step + 1
+      if eval_fn is not None and eval_every and (gstep % eval_every == 0 or done == phase.steps):
+        ev = eval_fn()
+        log.write(event="eval", stage=stage, phase=phase.name, step=gstep, **ev)
+      if on_step is not None:
+        on_step(gstep)
+      if ckpt is not None and (done % checkpoint_every == 0 or done == phase.steps):
+        ckpt.save(gstep, {"prompt": prompt, "opt": opt},
+                  {"phase": pi, "step": done, "phase_name": phase.name, "global_step": gstep,
+                   "loss": loss})
+    bar.close()
+  if ckpt is not None:
+    ckpt.close()
+  return {"final_loss": last_loss, "steps": int(offsets[-1])}
