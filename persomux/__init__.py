@@ -11,6 +11,10 @@ _EXPORTS = {
     "save_model": "persomux.models.params",
     "TrunkConfig": "persomux.models.config",
     "Trunk": "persomux.models.modeling",
+    "param_counts": "persomux.prompts",
+    "PersonaMux": "persomux.prompts",
+    "SoftPrompt": "persomux.prompts",
+    "RandomCodebook": "persomux.prompts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -148,3 +148,22 @@ def splice(token_embeds: jax.Array, attention_mask: jax.Array, soft: jax.Array, 
   ti = jnp.arange(t)[None, :]
   token_index = jnp.where(ti < s, ti, ti + n).astype(jnp.int32)
   return embeds, mask, positions, token_index
+
+
+def param_counts(model_dir_or_config_json: str, *, num_codes: int = 64, code_tokens: int = 8,
+                 bias_tokens: int = 12, soft_prompt_tokens: int = 8) -> dict[str, dict[str, int]]:
+  """Trainable parameters per method, from a model config alone (no weights).
+
+  Returns `{method: {"global": int, "per_class": int}}` for `persona_mux`
+  (W and b global, m_i per class), `soft_prompt` (k tokens per class) and
+  `random_codebook` (W fixed: only b global, m_i per class). Defaults are the
+  paper's n=64, k=8, l=12 and an 8-token soft prompt.
+  """
+  from persomux.models.config import TrunkConfig
+
+  d = TrunkConfig.from_pretrained(model_dir_or_config_json).d_model
+  return {
+      "persona_mux": {"global": (num_codes * code_tokens + bias_tokens) * d, "per_class": num_codes},
+      "soft_prompt": {"global": 0, "per_class": soft_prompt_tokens * d},
+      "random_codebook": {"global": bias_tokens * d, "per_class": num_codes},
+  }

@@ -1,0 +1,142 @@
+r"""Benchmarks persomux against its PyTorch peer in the same process.
+
+  python launch/benchmark.py --suite=train
+
+`train`: the stage-1 (joint) Persona-Mux train step on a small Llama
+(hidden 512, 8 layers, 8 heads, 4 kv heads, ffn 1376, vocab 32000), batch
+8 x 128 tokens, fp32, against HF PEFT prompt tuning (20 virtual tokens =
+l + k = 12 + 8, Adam) on the identical model in PyTorch. It prints tokens/s
+of both, their ratio, and achieved FLOP/s as a fraction of this machine's
+fp32 matmul rate, measured in the same run. Absolute times on shared
+machines are noise; the ratio is the figure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("suite", "train", ["train"], "Which benchmark to run.")
+flags.DEFINE_integer("steps", 5, "Timed steps per side (after warmup).")
+flags.DEFINE_integer("warmup", 2, "Untimed warmup steps per side.")
+flags.DEFINE_integer("batch", 8, "Rows per batch.")
+flags.DEFINE_integer("seq", 128, "Tokens per row.")
+flags.DEFINE_integer("layers", 8, "Decoder layers of the benchmark model.")
+flags.DEFINE_integer("seed", 0, "Seed for weights and tokens.")
+
+
+def benchmark_config(layers: int):
+  from persomux.models.config import TrunkConfig
+
+  return TrunkConfig.llama(vocab_size=32000, d_model=512, num_layers=layers, num_heads=8, num_kv_heads=4,
+                           ffn_dim=1376, tie_embeddings=False, max_position_embeddings=2048)
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return times[len(times) // 2]
+
+
+def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
+  """This machine's fp32 matmul rate through XLA (the peak persomux can reach)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = _median_time(lambda: f(a).block_until_ready(), reps, 1)
+  return 2 * n ** 3 / t
+
+
+def train_suite():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import torch
+  from flax import nnx
+  from peft import PromptTuningConfig, TaskType, get_peft_model
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  from persomux import prompts, train
+  from persomux.models import params
+
+  cfg = benchmark_config(FLAGS.layers)
+  b, t = FLAGS.batch, FLAGS.seq
+  torch.manual_seed(FLAGS.seed)
+  hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "dtype")})
+  hf = LlamaForCausalLM(hf_cfg).float().eval()
+
+  # persomux: the same weights, loaded through the safetensors path users take.
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    trunk, _ = params.load_model(d, tokenizer=False)
+  num_classes = 64
+  pm = prompts.PersonaMux(num_classes, cfg.d_model, rngs=nnx.Rngs(FLAGS.seed))
+  pm.mixtures[...] = 0.1 * jax.random.normal(jax.random.key(1), pm.mixtures.shape)
+  opt = nnx.Optimizer(pm, train.make_tx(train.OptimConfig(), 100), wrt=prompts.PromptParam)
+  rs = np.random.RandomState(FLAGS.seed)
+  ids = rs.randint(3, cfg.vocab_size, (b, t)).astype(np.int32)
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((b, t), jnp.int32),
+           "loss_mask": jnp.ones((b, t), jnp.float32), "soft_index": jnp.ones((b,), jnp.int32),
+           "class_ids": jnp.asarray(rs.randint(0, num_classes, (b,)).astype(np.int32))}
+
+  def px_step():
+    loss, _ = train.train_step(trunk, pm, opt, batch)
+    loss.block_until_ready()
+
+  compiled = train.train_step.lower(trunk, pm, opt, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  px_t = _median_time(px_step, FLAGS.steps, FLAGS.warmup)
+
+  # PEFT prompt tuning: 20 virtual tokens (= l + k), Adam over the prompt only.
+  n_virtual = pm.num_tokens
+  peft_model = get_peft_model(hf, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual))
+  peft_model.train()
+  topt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, eps=1e-4)
+  tids = torch.tensor(ids, dtype=torch.long)
+
+  def peft_step():
+    out = peft_model(input_ids=tids, labels=tids)
+    out.loss.backward()
+    topt.step()
+    topt.zero_grad()
+
+  pt_t = _median_time(peft_step, FLAGS.steps, FLAGS.warmup)
+  peak = matmul_flops_per_s()
+  px_tps, pt_tps = b * t / px_t, b * t / pt_t
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
+  print(f"model: llama d=512 L={cfg.num_layers} H=8 KV=4 ffn=1376 V=32000 fp32; batch {b}x{t}; "
+        f"soft tokens {n_virtual}")
+  print(f"persomux  step {px_t * 1e3:8.1f} ms  {px_tps:10.1f} tokens/s")
+  print(f"peft      step {pt_t * 1e3:8.1f} ms  {pt_tps:10.1f} tokens/s")
+  print(f"persomux compiled FLOPs/step {flops / 1e9:.1f} GFLOP -> {flops / px_t / 1e9:.1f} GFLOP/s; "
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; fraction {flops / px_t / peak:.2f}")
+  print(f"train ratio persomux/peft = {px_tps / pt_tps:.2f}")
+
+
+def main(argv):
+  del argv
+  if FLAGS.suite == "train":
+    train_suite()
+
+
+if __name__ == "__main__":
+  app.run(main)
