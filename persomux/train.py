@@ -267,3 +267,34 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
   if ckpt is not None:
     ckpt.close()
   return {"final_loss": last_loss, "steps": int(offsets[-1])}
+
+
+# --- base language model (the demo's trunk) -----------------------------------------
+
+
+@nnx.jit
+def lm_step(model, opt, batch):
+  """One full-parameter language-modelling step (no soft prompt)."""
+  loss, grads = nnx.value_and_grad(lambda m: mean_loss(m, None, batch))(model)
+  opt.update(model, grads)
+  return loss
+
+
+def train_language_model(model, data: BatchSource, steps: int, optim: OptimConfig,
+                         progress: bool = True) -> list[float]:
+  """Trains every weight of `model` on `data` (loss on `loss_mask` tokens).
+
+  This is how the embedded demo makes its small base model; real trunks
+  arrive pretrained and stay frozen. Returns the loss per step.
+  """
+  opt = nnx.Optimizer(model, make_tx(optim, steps), wrt=nnx.Param)
+  spe = data.steps_per_epoch()
+  losses = []
+  bar = tqdm(range(steps), desc="base LM", disable=not (progress and _host0()), dynamic_ncols=True)
+  for step in bar:
+    loss = float(lm_step(model, opt, data.batch(step // spe, step % spe)))
+    if not math.isfinite(loss):
+      raise TrainingDiverged(f"[base LM] loss is {loss} at step {step}; lower the learning rate")
+    losses.append(loss)
+    bar.set_postfix(loss=f"{loss:.4f}")
+  return losses

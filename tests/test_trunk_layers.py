@@ -121,7 +121,7 @@ def test_llama_attention(kv_heads, bias):
   jpos = _positions(b, t)
   jcos, jsin = modeling.rope_cos_sin(jpos, modeling.rope_inv_freq(cfg.rope_for(FULL), 16), jnp.float32)
   mask = modeling.attention_mask(jpos, jpos, jnp.ones((b, t), jnp.int32), None)
-  out = ours(jnp.asarray(_np(x)), jcos, jsin, mask)
+  out, _ = ours(jnp.asarray(_np(x)), jcos, jsin, mask)
   np.testing.assert_allclose(np.asarray(out), _np(ref), atol=1e-4)
 
 
@@ -145,7 +145,7 @@ def test_gemma3_attention_qk_norm_sliding():
   jpos = _positions(b, t)
   jcos, jsin = modeling.rope_cos_sin(jpos, modeling.rope_inv_freq(cfg.rope_for(SLIDING), 16), jnp.float32)
   mask = modeling.attention_mask(jpos, jpos, jnp.ones((b, t), jnp.int32), 4)
-  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(_np(x)), jcos, jsin, mask)), _np(ref), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(_np(x)), jcos, jsin, mask)[0]), _np(ref), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
@@ -189,4 +189,4 @@ def test_gemma2_decoder_layer_softcap_sandwich_norms():
   jpos = _positions(b, t)
   jcos, jsin = modeling.rope_cos_sin(jpos, modeling.rope_inv_freq(cfg.rope_for(SLIDING), 16), jnp.float32)
   mask = modeling.attention_mask(jpos, jpos, jnp.ones((b, t), jnp.int32), 4)
-  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(_np(x)), jcos, jsin, mask)), _np(ref), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(_np(x)), jcos, jsin, mask)[0]), _np(ref), atol=1e-4)

@@ -157,11 +157,13 @@ class Attention(nnx.Module):
       k = self.k_norm(k)
     return apply_rope(k, cos, sin), v
 
-  def __call__(self, x, cos, sin, mask, kv=None):
-    """Attends queries from `x` to `kv` (default: keys/values of `x` itself).
+  def __call__(self, x, cos, sin, mask, kv_update=None):
+    """Attention of `x` `[batch, q, d_model]` over its own keys, or over a cache.
 
-    `mask` is `[batch, 1, q, k]` boolean; `kv` is a `(k, v)` pair of
-    `[batch, k, kv_heads, head_dim]` arrays (e.g. a KV cache).
+    `mask` is `[batch, 1, q, k]` boolean. `kv_update`, if given, maps this
+    call's rotated keys and values `[batch, q, kv_heads, head_dim]` to the
+    full key/value arrays to attend over (e.g. a KV cache with them written
+    in). Returns `(out [batch, q, d_model], (keys, values))`.
     """
     b, t, _ = x.shape
     q = _linear(x, self.q_proj[...], None if self.q_bias is None else self.q_bias[...])
@@ -169,7 +171,9 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q = self.q_norm(q)
     q = apply_rope(q, cos, sin)
-    k, v = self.project_kv(x, cos, sin) if kv is None else kv
+    k, v = self.project_kv(x, cos, sin)
+    if kv_update is not None:
+      k, v = kv_update(k, v)
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(self.scale, q.dtype)
@@ -179,7 +183,8 @@ class Attention(nnx.Module):
     logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-    return _linear(out, self.o_proj[...], None if self.o_bias is None else self.o_bias[...])
+    out = _linear(out, self.o_proj[...], None if self.o_bias is None else self.o_bias[...])
+    return out, (k, v)
 
 
 class MLP(nnx.Module):
@@ -222,15 +227,16 @@ class DecoderLayer(nnx.Module):
     self.attn_post_norm = norm() if sandwich else None
     self.mlp_post_norm = norm() if sandwich else None
 
-  def __call__(self, x, cos, sin, mask, kv=None):
-    h = self.attn(self.attn_norm(x), cos, sin, mask, kv)
+  def __call__(self, x, cos, sin, mask, kv_update=None):
+    """Returns `(x, (keys, values))`; see `Attention.__call__` for `kv_update`."""
+    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv_update)
     if self.attn_post_norm is not None:
       h = self.attn_post_norm(h)
     x = x + h
     h = self.mlp(self.mlp_norm(x))
     if self.mlp_post_norm is not None:
       h = self.mlp_post_norm(h)
-    return x + h
+    return x + h, kv
 
 
 class Trunk(nnx.Module):
@@ -290,7 +296,7 @@ class Trunk(nnx.Module):
     h = inputs_embeds.astype(self.dtype)
 
     def run(layer, h, cos, sin, mask):
-      return layer(h, cos, sin, mask)
+      return layer(h, cos, sin, mask)[0]
 
     if self.remat:
       run = nnx.remat(run)

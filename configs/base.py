@@ -1,0 +1,53 @@
+"""Defaults shared by every persomux run; other configs start from these."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_dir = ""  # local Hugging Face checkpoint directory of the frozen trunk
+  c.dtype = "float32"  # trunk dtype: bfloat16 on accelerators; prompt parameters are always float32
+  c.remat = False  # rematerialize decoder layers in the backward pass (saves activation memory)
+  c.seed = 0
+  c.mesh = ""  # e.g. "data:2,fsdp:2,tensor:2"; empty: every device on `data`
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # JSONL, CSV or Parquet with class/text[/context/persona/group]
+  c.data.finetune_fraction = 0.1  # share of the data whose classes are held out for stage 2
+  c.data.test_fraction = 0.1  # per-class test split
+  c.data.max_per_class_pretrain = 0  # 0: no cap (paper: 100 on tweets)
+  c.data.max_per_class_finetune = 0  # 0: no cap (paper: 100 on tweets and games)
+  c.data.max_len = 256  # token budget per example, soft tokens excluded; context is cut from the left
+  c.data.template = "{persona}{soft}\n{context}\n"
+  c.data.use_chat_template = "auto"  # auto | yes | no
+
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.num_codes = 64  # n
+  c.prompt.code_tokens = 8  # k
+  c.prompt.bias_tokens = 12  # l
+  c.prompt.soft_prompt_tokens = 8  # SoftPrompt baseline length
+  c.prompt.init_std = 0.02
+
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.batch_size = 8
+  c.pretrain.warmup_epochs = 1  # bias-only epochs before joint training
+  c.pretrain.epochs = 1  # joint epochs
+  c.pretrain.learning_rate = 1e-3
+  c.pretrain.schedule = "constant"
+  c.pretrain.warmup_steps = 0
+  c.pretrain.clip_norm = 1.0
+  c.pretrain.adam_eps = 1e-4
+  c.pretrain.checkpoint_every = 200
+  c.pretrain.eval_every = 200
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.batch_size = 0  # 0: full batch (all of the new classes' data), as in the paper
+  c.finetune.steps = 100
+  c.finetune.learning_rate = 1e-2
+  c.finetune.schedule = "constant"
+  c.finetune.warmup_steps = 0
+  c.finetune.clip_norm = 1.0
+  c.finetune.adam_eps = 1e-4
+  c.finetune.checkpoint_every = 50
+  c.finetune.eval_every = 25
+  return c

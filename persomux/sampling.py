@@ -1,0 +1,265 @@
+"""Sampling: prefill, then decode over a preallocated KV cache inside jit.
+
+Each row may carry its own soft prompt (its own persona and bias scale).
+Prompts are right-padded; each row keeps its own write position, so rotary
+positions count real tokens only. Full-attention layers cache every
+position; sliding-window layers keep a ring buffer of `sliding_window`
+slots. Every cache slot remembers the position it holds (-1 when empty),
+which is all the masks need. Prompt lengths and generation lengths are
+padded to buckets so new lengths do not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from persomux import prompts as prompts_lib
+from persomux.models.config import FULL, SLIDING
+
+SOFT_MARKER = "<|soft|>"  # where a prompt string wants its soft tokens
+
+
+@dataclasses.dataclass
+class SoftPrompts:
+  """A prompt module with one class id (and bias scale) per row."""
+
+  module: Any
+  class_ids: Sequence[int]
+  bias_scale: float | Sequence[float] = 1.0
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  b = minimum
+  while b < n:
+    b *= 2
+  return b
+
+
+def _cache_len(model, kind: str, total: int) -> int:
+  w = model.config.sliding_window
+  return min(w, total) if (kind == SLIDING and w) else total
+
+
+def _write(cache, k, v, pos, ok):
+  """Writes keys/values `[B, T, KV, H]` at positions `pos` `[B, T]` where `ok`."""
+  size = cache["pos"].shape[1]
+  slot = jnp.where(ok, pos % size, size)  # out-of-range slots are dropped
+  b = jnp.broadcast_to(jnp.arange(pos.shape[0])[:, None], pos.shape)
+  return {"k": cache["k"].at[b, slot].set(k.astype(cache["k"].dtype), mode="drop"),
+          "v": cache["v"].at[b, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+          "pos": cache["pos"].at[b, slot].set(pos, mode="drop")}
+
+
+def _cache_mask(cache_pos, q_pos, window):
+  """`[B, 1, q, S]` mask over cache slots for queries at `q_pos` `[B, q]`."""
+  kp = cache_pos[:, None, :]
+  qp = q_pos[:, :, None]
+  m = (kp >= 0) & (kp <= qp)
+  if window is not None:
+    m &= kp > qp - window
+  return m[:, None]
+
+
+def _sample(logits, rng, temperature, top_k, top_p):
+  """Next tokens `[B]` from logits `[B, V]` (greedy when temperature == 0)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always the best token).
+    keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "temperature", "top_k", "top_p"))
+def _generate(graphdef, state, embeds, mask, eos_ids, rng, *, max_new, temperature, top_k, top_p):
+  """Prefill `embeds` `[B, S, d]` (real tokens first, `mask` 1 on them), then
+  decode up to `max_new` tokens. Returns `(tokens [B, max_new], lengths [B])`."""
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  b, s, _ = embeds.shape
+  total = s + max_new
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  lengths = mask.sum(-1).astype(jnp.int32)
+  tables = model.rope_tables(positions)
+  masks = model.masks(positions, positions, mask)
+  kv_dtype = model.dtype
+  caches = []
+  h = embeds.astype(model.dtype)
+  for layer in model.layers:
+    cos, sin = tables[layer.layer_type]
+    h, (k, v) = layer(h, cos, sin, masks[layer.layer_type])
+    size = _cache_len(model, layer.layer_type, total)
+    empty = {"k": jnp.zeros((b, size, cfg.num_kv_heads, cfg.head_dim), kv_dtype),
+             "v": jnp.zeros((b, size, cfg.num_kv_heads, cfg.head_dim), kv_dtype),
+             "pos": jnp.full((b, size), -1, jnp.int32)}
+    # Only the last `size` real tokens fit a ring buffer; padding never enters.
+    ok = mask.astype(bool) & (positions >= lengths[:, None] - size)
+    caches.append(_write(empty, k, v, positions, ok))
+  last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+  logits = model.logits(last)[:, 0]
+
+  def body(carry):
+    i, tok, done, out, caches, logits, rng = carry
+    rng, sub = jax.random.split(rng)
+    nxt = _sample(logits, sub, temperature, top_k, top_p)
+    nxt = jnp.where(done, 0, nxt)
+    out = out.at[:, i].set(nxt)
+    done = done | jnp.isin(nxt, eos_ids)
+    pos = (lengths + i)[:, None]
+    x = model.embed(nxt[:, None])
+    tables = model.rope_tables(pos)
+    new_caches = []
+    bidx = jnp.arange(b)[:, None]
+    for layer, cache in zip(model.layers, caches):
+      cos, sin = tables[layer.layer_type]
+      window = cfg.sliding_window if layer.layer_type == SLIDING else None
+      slot = pos % cache["pos"].shape[1]
+      new_pos = cache["pos"].at[bidx, slot].set(pos)
+
+      def update(k, v, cache=cache, slot=slot):
+        return cache["k"].at[bidx, slot].set(k), cache["v"].at[bidx, slot].set(v)
+
+      x, (k_all, v_all) = layer(x, cos, sin, _cache_mask(new_pos, pos, window), update)
+      new_caches.append({"k": k_all, "v": v_all, "pos": new_pos})
+    logits = model.logits(x)[:, 0]
+    return i + 1, nxt, done, out, new_caches, logits, rng
+
+  def cond(carry):
+    i, _, done, *_ = carry
+    return (i < max_new) & ~jnp.all(done)
+
+  out = jnp.zeros((b, max_new), jnp.int32)
+  done = jnp.zeros((b,), bool)
+  carry = (jnp.int32(0), jnp.zeros((b,), jnp.int32), done, out, caches, logits, rng)
+  i, _, done, out, *_ = jax.lax.while_loop(cond, body, carry)
+  return out, i
+
+
+def _encode(tokenizer, prompt: str) -> tuple[list[int], int]:
+  """Token ids of `prompt` and the soft-token index (marker position, or after BOS)."""
+  if SOFT_MARKER in prompt:
+    before, after = prompt.split(SOFT_MARKER, 1)
+    pre = tokenizer(before, add_special_tokens=True)["input_ids"] if before else \
+        tokenizer("", add_special_tokens=True)["input_ids"]
+    post = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return pre + post, len(pre)
+  ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+  bos = tokenizer.bos_token_id
+  return ids, 1 if (bos is not None and ids and ids[0] == bos) else 0
+
+
+def _eos_ids(model, tokenizer) -> np.ndarray:
+  ids = set()
+  for e in (tokenizer.eos_token_id if tokenizer is not None else None, model.config.eos_token_id):
+    if isinstance(e, int):
+      ids.add(e)
+    elif isinstance(e, (list, tuple)):
+      ids.update(int(x) for x in e)
+  return np.array(sorted(ids) or [-1], np.int32)
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             soft_prompts: SoftPrompts | Any | None = None, stop: Sequence[str] | None = None) -> list[str]:
+  """Generates a continuation of each prompt; returns them without the prompt.
+
+  Args:
+    model: a `Trunk`.
+    tokenizer: its Hugging Face tokenizer.
+    prompts: strings. A prompt may contain `SOFT_MARKER` where its soft tokens
+      go; otherwise they go at the start (after BOS).
+    max_new_tokens: the most tokens to generate per row.
+    temperature: 0 is greedy.
+    top_k, top_p: optional truncation of the sampling distribution.
+    seed: PRNG seed; the same seed gives the same samples.
+    soft_prompts: None; a `SoftPrompts(module, class_ids, bias_scale)` with
+      one class id (and optionally one bias scale) per row; or per-row soft
+      embeddings `[batch, P, d]` (a `(embeds, lengths)` pair for ragged rows).
+    stop: strings that end a row's continuation (the stop string is cut).
+  """
+  prompts = list(prompts)
+  rows = [_encode(tokenizer, p) for p in prompts]
+  bsz = len(rows)
+  t = bucket(max(len(ids) for ids, _ in rows))
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  ids = np.full((bsz, t), pad, np.int32)
+  am = np.zeros((bsz, t), np.int32)
+  for r, (row, _) in enumerate(rows):
+    ids[r, :len(row)] = row
+    am[r, :len(row)] = 1
+  soft_index = np.array([si for _, si in rows], np.int32)
+  embeds = model.embed(jnp.asarray(ids))
+  mask = jnp.asarray(am)
+  if soft_prompts is not None:
+    if isinstance(soft_prompts, SoftPrompts):
+      scales = np.broadcast_to(np.asarray(soft_prompts.bias_scale, np.float32), (bsz,))
+      soft, soft_len = soft_prompts.module(jnp.asarray(np.asarray(soft_prompts.class_ids, np.int32)),
+                                           jnp.asarray(scales))
+    elif isinstance(soft_prompts, tuple):
+      soft, soft_len = soft_prompts
+    else:
+      soft = jnp.asarray(soft_prompts)
+      soft_len = jnp.full((bsz,), soft.shape[1], jnp.int32)
+    embeds, mask, _, _ = prompts_lib.splice(embeds, mask, jnp.asarray(soft), jnp.asarray(soft_len),
+                                            jnp.asarray(soft_index))
+    s_b = bucket(embeds.shape[1])
+    embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
+  graphdef, state = nnx.split(model)
+  out, _ = _generate(graphdef, state, embeds, mask, jnp.asarray(_eos_ids(model, tokenizer)),
+                     jax.random.key(seed), max_new=bucket(max_new_tokens), temperature=float(temperature),
+                     top_k=top_k, top_p=top_p)
+  out = np.asarray(jax.device_get(out))[:, :max_new_tokens]
+  eos = set(_eos_ids(model, tokenizer).tolist())
+  texts = []
+  for row in out:
+    toks = []
+    for tok in row.tolist():
+      if tok in eos:
+        break
+      toks.append(tok)
+    text = tokenizer.decode(toks, skip_special_tokens=True)
+    for s in stop or ():
+      if s and s in text:
+        text = text[:text.index(s)]
+    texts.append(text)
+  return texts
+
+
+def generate_tokens(model, input_ids: np.ndarray, *, max_new_tokens: int, eos_ids=(), soft=None,
+                    soft_index=None, temperature=0.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
+  """Token-level generation for `input_ids` `[B, T]` (all rows real, no padding),
+  used by tests against transformers. Returns `[B, max_new_tokens]` (0 after EOS)."""
+  b, t = input_ids.shape
+  embeds = model.embed(jnp.asarray(input_ids))
+  mask = jnp.ones((b, t), jnp.int32)
+  if soft is not None:
+    soft = jnp.asarray(soft)
+    embeds, mask, _, _ = prompts_lib.splice(embeds, mask, soft, jnp.full((b,), soft.shape[1], jnp.int32),
+                                            jnp.asarray(soft_index, jnp.int32))
+  s_b = bucket(embeds.shape[1])
+  embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
+  graphdef, state = nnx.split(model)
+  out, _ = _generate(graphdef, state, embeds, mask, jnp.asarray(np.array(list(eos_ids) or [-1], np.int32)),
+                     jax.random.key(seed), max_new=bucket(max_new_tokens), temperature=float(temperature),
+                     top_k=top_k, top_p=top_p)
+  return np.asarray(out)[:, :max_new_tokens]
