@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "train", ["train"], "Which benchmark to run.")
+flags.DEFINE_enum("suite", "train", ["train", "generate"], "Which benchmark to run.")
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after warmup).")
 flags.DEFINE_integer("warmup", 2, "Untimed warmup steps per side.")
 flags.DEFINE_integer("batch", 8, "Rows per batch.")
@@ -70,22 +70,11 @@ def train_suite():
   import torch
   from flax import nnx
   from peft import PromptTuningConfig, TaskType, get_peft_model
-  from transformers import LlamaConfig, LlamaForCausalLM
 
   from persomux import prompts, train
-  from persomux.models import params
 
-  cfg = benchmark_config(FLAGS.layers)
+  cfg, hf, trunk = _benchmark_models()
   b, t = FLAGS.batch, FLAGS.seq
-  torch.manual_seed(FLAGS.seed)
-  hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "dtype")})
-  hf = LlamaForCausalLM(hf_cfg).float().eval()
-
-  # persomux: the same weights, loaded through the safetensors path users take.
-  import tempfile
-  with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    trunk, _ = params.load_model(d, tokenizer=False)
   num_classes = 64
   pm = prompts.PersonaMux(num_classes, cfg.d_model, rngs=nnx.Rngs(FLAGS.seed))
   pm.mixtures[...] = 0.1 * jax.random.normal(jax.random.key(1), pm.mixtures.shape)
@@ -132,10 +121,80 @@ def train_suite():
   print(f"train ratio persomux/peft = {px_tps / pt_tps:.2f}")
 
 
+def _benchmark_models():
+  """The train suite's model in both frameworks, with identical weights."""
+  import tempfile
+
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  from persomux.models import params
+
+  cfg = benchmark_config(FLAGS.layers)
+  torch.manual_seed(FLAGS.seed)
+  hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "dtype")})
+  hf = LlamaForCausalLM(hf_cfg).float().eval()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    trunk, _ = params.load_model(d, tokenizer=False)
+  return cfg, hf, trunk
+
+
+def generate_suite():
+  """8 rows, each a different persona, 32-token prompts, 64 new tokens (greedy),
+  against transformers' generate of the same model with no adapter."""
+  import jax
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  from persomux import prompts, sampling
+
+  cfg, hf, trunk = _benchmark_models()
+  rows, plen, new = 8, 32, 64
+  pm = prompts.PersonaMux(rows, cfg.d_model, rngs=nnx.Rngs(FLAGS.seed))
+  pm.mixtures[...] = 0.1 * jax.random.normal(jax.random.key(1), pm.mixtures.shape)
+  rs = np.random.RandomState(FLAGS.seed)
+  ids = rs.randint(3, cfg.vocab_size, (rows, plen)).astype(np.int32)
+  soft = sampling.SoftPrompts(pm, list(range(rows)), 1.0)
+
+  def ours(prompt_ids, n):
+    return sampling.generate_ids(trunk, prompt_ids, max_new_tokens=n, soft_prompts=soft,
+                                 soft_index=np.ones((rows,), np.int32))
+
+  px_t = _median_time(lambda: ours(ids, new), FLAGS.steps, 1)
+  tids = torch.tensor(ids, dtype=torch.long)
+
+  def theirs():
+    with torch.no_grad():
+      hf.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=new, min_new_tokens=new,
+                  do_sample=False, pad_token_id=0)
+
+  hf_t = _median_time(theirs, FLAGS.steps, 1)
+  # Per-step decode time from the difference of two generation lengths, at two
+  # prompt lengths: with a KV cache it should not grow with the position.
+  per_step = {}
+  for pos in (64, 448):
+    long_ids = rs.randint(3, cfg.vocab_size, (rows, pos - pm.num_tokens)).astype(np.int32)
+    t_short = _median_time(lambda: ours(long_ids, 16), 3, 1)
+    t_long = _median_time(lambda: ours(long_ids, 48), 3, 1)
+    per_step[pos] = (t_long - t_short) / 32
+  px_tps, hf_tps = rows * new / px_t, rows * new / hf_t
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
+  print(f"model: llama d=512 L={cfg.num_layers} V=32000 fp32; {rows} rows x {plen}-token prompts, "
+        f"{new} new tokens, a different persona per row ({pm.num_tokens} soft tokens)")
+  print(f"persomux      {px_t * 1e3:8.1f} ms  {px_tps:8.1f} new tokens/s")
+  print(f"transformers  {hf_t * 1e3:8.1f} ms  {hf_tps:8.1f} new tokens/s")
+  print(f"decode step at position 64: {per_step[64] * 1e3:.2f} ms; at position 448: {per_step[448] * 1e3:.2f} ms")
+  print(f"generate ratio persomux/transformers = {px_tps / hf_tps:.2f}")
+
+
 def main(argv):
   del argv
   if FLAGS.suite == "train":
     train_suite()
+  elif FLAGS.suite == "generate":
+    generate_suite()
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ def _cache_len(model, kind: str, total: int) -> int:
 
 
 def _write(cache, k, v, pos, ok):
-  """Writes keys/values `[B, T, KV, H]` at positions `pos` `[B, T]` where `ok`."""
+  """Writes keys/values `[B, KV, T, H]` at positions `pos` `[B, T]` where `ok`."""
   size = cache["pos"].shape[1]
   slot = jnp.where(ok, pos % size, size)  # out-of-range slots are dropped
   b = jnp.broadcast_to(jnp.arange(pos.shape[0])[:, None], pos.shape)
-  return {"k": cache["k"].at[b, slot].set(k.astype(cache["k"].dtype), mode="drop"),
-          "v": cache["v"].at[b, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+  put = lambda c, x: c.at[b, :, slot].set(x.astype(c.dtype).transpose(0, 2, 1, 3), mode="drop")
+  return {"k": put(cache["k"], k), "v": put(cache["v"], v),
           "pos": cache["pos"].at[b, slot].set(pos, mode="drop")}
 
 
@@ -89,9 +89,9 @@ def _sample(logits, rng, temperature, top_k, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, embeds, mask, eos_ids, rng, *, max_new, temperature, top_k, top_p):
+def _generate(graphdef, state, embeds, mask, eos_ids, rng, limit, *, max_new, temperature, top_k, top_p):
   """Prefill `embeds` `[B, S, d]` (real tokens first, `mask` 1 on them), then
-  decode up to `max_new` tokens. Returns `(tokens [B, max_new], lengths [B])`."""
+  decode up to `limit` <= `max_new` tokens (`max_new` is the bucketed size). Returns `(tokens [B, max_new], lengths [B])`."""
   model = nnx.merge(graphdef, state)
   cfg = model.config
   b, s, _ = embeds.shape
@@ -107,8 +107,8 @@ def _generate(graphdef, state, embeds, mask, eos_ids, rng, *, max_new, temperatu
     cos, sin = tables[layer.layer_type]
     h, (k, v) = layer(h, cos, sin, masks[layer.layer_type])
     size = _cache_len(model, layer.layer_type, total)
-    empty = {"k": jnp.zeros((b, size, cfg.num_kv_heads, cfg.head_dim), kv_dtype),
-             "v": jnp.zeros((b, size, cfg.num_kv_heads, cfg.head_dim), kv_dtype),
+    empty = {"k": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), kv_dtype),
+             "v": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), kv_dtype),
              "pos": jnp.full((b, size), -1, jnp.int32)}
     # Only the last `size` real tokens fit a ring buffer; padding never enters.
     ok = mask.astype(bool) & (positions >= lengths[:, None] - size)
@@ -135,7 +135,10 @@ def _generate(graphdef, state, embeds, mask, eos_ids, rng, *, max_new, temperatu
       new_pos = cache["pos"].at[bidx, slot].set(pos)
 
       def update(k, v, cache=cache, slot=slot):
-        return cache["k"].at[bidx, slot].set(k), cache["v"].at[bidx, slot].set(v)
+        # One new position per row: a dynamic slice update along the slot axis.
+        put = lambda c, x: jax.vmap(lambda ci, xi, si: jax.lax.dynamic_update_slice_in_dim(
+            ci, xi.astype(ci.dtype), si, axis=1))(c, x, slot[:, 0])
+        return put(cache["k"], k), put(cache["v"], v)
 
       x, (k_all, v_all) = layer(x, cos, sin, _cache_mask(new_pos, pos, window), update)
       new_caches.append({"k": k_all, "v": v_all, "pos": new_pos})
@@ -144,7 +147,7 @@ def _generate(graphdef, state, embeds, mask, eos_ids, rng, *, max_new, temperatu
 
   def cond(carry):
     i, _, done, *_ = carry
-    return (i < max_new) & ~jnp.all(done)
+    return (i < limit) & ~jnp.all(done)
 
   out = jnp.zeros((b, max_new), jnp.int32)
   done = jnp.zeros((b,), bool)
@@ -176,6 +179,56 @@ def _eos_ids(model, tokenizer) -> np.ndarray:
   return np.array(sorted(ids) or [-1], np.int32)
 
 
+def _soft_tokens(soft_prompts, bsz: int):
+  """`(soft [B, P, d], soft_len [B])` from any accepted `soft_prompts` form."""
+  if isinstance(soft_prompts, SoftPrompts):
+    scales = np.broadcast_to(np.asarray(soft_prompts.bias_scale, np.float32), (bsz,))
+    return soft_prompts.module(jnp.asarray(np.asarray(soft_prompts.class_ids, np.int32)), jnp.asarray(scales))
+  if isinstance(soft_prompts, tuple):
+    soft, soft_len = soft_prompts
+    return jnp.asarray(soft), jnp.asarray(soft_len, jnp.int32)
+  soft = jnp.asarray(soft_prompts)
+  return soft, jnp.full((bsz,), soft.shape[1], jnp.int32)
+
+
+def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None, *, max_new_tokens: int,
+                 soft_prompts=None, soft_index: np.ndarray | None = None, eos_ids: Sequence[int] = (),
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0) -> np.ndarray:
+  """Token-level generation.
+
+  Args:
+    input_ids: `[B, T]` right-padded prompt tokens; `lengths` `[B]` real lengths
+      (default: all T).
+    soft_prompts: see `generate`; inserted before `soft_index` `[B]` (default 0).
+    eos_ids: tokens that end a row.
+
+  Returns:
+    `[B, max_new_tokens]` int32; a row is 0 after its EOS.
+  """
+  input_ids = np.asarray(input_ids, np.int32)
+  b, t = input_ids.shape
+  lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+  t_b = bucket(t)
+  ids = np.zeros((b, t_b), np.int32)
+  ids[:, :t] = input_ids
+  am = (np.arange(t_b)[None, :] < lengths[:, None]).astype(np.int32)
+  embeds = model.embed(jnp.asarray(ids))
+  mask = jnp.asarray(am)
+  if soft_prompts is not None:
+    soft, soft_len = _soft_tokens(soft_prompts, b)
+    index = np.zeros((b,), np.int32) if soft_index is None else np.asarray(soft_index, np.int32)
+    embeds, mask, _, _ = prompts_lib.splice(embeds, mask, soft, soft_len, jnp.asarray(index))
+    s_b = bucket(embeds.shape[1])
+    embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
+  graphdef, state = nnx.split(model)
+  out, _ = _generate(graphdef, state, embeds, mask, jnp.asarray(np.array(list(eos_ids) or [-1], np.int32)),
+                     jax.random.key(seed), jnp.int32(max_new_tokens), max_new=bucket(max_new_tokens), temperature=float(temperature),
+                     top_k=top_k, top_p=top_p)
+  return np.asarray(jax.device_get(out))[:, :max_new_tokens]
+
+
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              soft_prompts: SoftPrompts | Any | None = None, stop: Sequence[str] | None = None) -> list[str]:
@@ -195,45 +248,22 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
       embeddings `[batch, P, d]` (a `(embeds, lengths)` pair for ragged rows).
     stop: strings that end a row's continuation (the stop string is cut).
   """
-  prompts = list(prompts)
   rows = [_encode(tokenizer, p) for p in prompts]
-  bsz = len(rows)
-  t = bucket(max(len(ids) for ids, _ in rows))
+  t = max(len(ids) for ids, _ in rows)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  ids = np.full((bsz, t), pad, np.int32)
-  am = np.zeros((bsz, t), np.int32)
+  ids = np.full((len(rows), t), pad, np.int32)
   for r, (row, _) in enumerate(rows):
     ids[r, :len(row)] = row
-    am[r, :len(row)] = 1
-  soft_index = np.array([si for _, si in rows], np.int32)
-  embeds = model.embed(jnp.asarray(ids))
-  mask = jnp.asarray(am)
-  if soft_prompts is not None:
-    if isinstance(soft_prompts, SoftPrompts):
-      scales = np.broadcast_to(np.asarray(soft_prompts.bias_scale, np.float32), (bsz,))
-      soft, soft_len = soft_prompts.module(jnp.asarray(np.asarray(soft_prompts.class_ids, np.int32)),
-                                           jnp.asarray(scales))
-    elif isinstance(soft_prompts, tuple):
-      soft, soft_len = soft_prompts
-    else:
-      soft = jnp.asarray(soft_prompts)
-      soft_len = jnp.full((bsz,), soft.shape[1], jnp.int32)
-    embeds, mask, _, _ = prompts_lib.splice(embeds, mask, jnp.asarray(soft), jnp.asarray(soft_len),
-                                            jnp.asarray(soft_index))
-    s_b = bucket(embeds.shape[1])
-    embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
-  graphdef, state = nnx.split(model)
-  out, _ = _generate(graphdef, state, embeds, mask, jnp.asarray(_eos_ids(model, tokenizer)),
-                     jax.random.key(seed), max_new=bucket(max_new_tokens), temperature=float(temperature),
-                     top_k=top_k, top_p=top_p)
-  out = np.asarray(jax.device_get(out))[:, :max_new_tokens]
-  eos = set(_eos_ids(model, tokenizer).tolist())
+  eos = _eos_ids(model, tokenizer)
+  out = generate_ids(model, ids, np.array([len(r) for r, _ in rows]), max_new_tokens=max_new_tokens,
+                     soft_prompts=soft_prompts, soft_index=np.array([si for _, si in rows]),
+                     eos_ids=eos.tolist(), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   texts = []
+  eos_set = set(eos.tolist())
   for row in out:
     toks = []
     for tok in row.tolist():
-      if tok in eos:
+      if tok in eos_set:
         break
       toks.append(tok)
     text = tokenizer.decode(toks, skip_special_tokens=True)
@@ -242,24 +272,3 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
         text = text[:text.index(s)]
     texts.append(text)
   return texts
-
-
-def generate_tokens(model, input_ids: np.ndarray, *, max_new_tokens: int, eos_ids=(), soft=None,
-                    soft_index=None, temperature=0.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
-  """Token-level generation for `input_ids` `[B, T]` (all rows real, no padding),
-  used by tests against transformers. Returns `[B, max_new_tokens]` (0 after EOS)."""
-  b, t = input_ids.shape
-  embeds = model.embed(jnp.asarray(input_ids))
-  mask = jnp.ones((b, t), jnp.int32)
-  if soft is not None:
-    soft = jnp.asarray(soft)
-    embeds, mask, _, _ = prompts_lib.splice(embeds, mask, soft, jnp.full((b,), soft.shape[1], jnp.int32),
-                                            jnp.asarray(soft_index, jnp.int32))
-  s_b = bucket(embeds.shape[1])
-  embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
-  mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
-  graphdef, state = nnx.split(model)
-  out, _ = _generate(graphdef, state, embeds, mask, jnp.asarray(np.array(list(eos_ids) or [-1], np.int32)),
-                     jax.random.key(seed), max_new=bucket(max_new_tokens), temperature=float(temperature),
-                     top_k=top_k, top_p=top_p)
-  return np.asarray(out)[:, :max_new_tokens]

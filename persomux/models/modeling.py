@@ -147,7 +147,11 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def project_kv(self, x, cos, sin):
-    """Rotated keys and values `[batch, seq, kv_heads, head_dim]` for `x`."""
+    """Rotated keys and values `[batch, kv_heads, seq, head_dim]` for `x`.
+
+    Heads come before positions so that attending over a long KV cache is a
+    plain batched matmul, with no per-step transpose of the cache.
+    """
     b, t, _ = x.shape
     k = _linear(x, self.k_proj[...], None if self.k_bias is None else self.k_bias[...])
     v = _linear(x, self.v_proj[...], None if self.v_bias is None else self.v_bias[...])
@@ -155,13 +159,13 @@ class Attention(nnx.Module):
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.k_norm is not None:
       k = self.k_norm(k)
-    return apply_rope(k, cos, sin), v
+    return apply_rope(k, cos, sin).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
   def __call__(self, x, cos, sin, mask, kv_update=None):
     """Attention of `x` `[batch, q, d_model]` over its own keys, or over a cache.
 
     `mask` is `[batch, 1, q, k]` boolean. `kv_update`, if given, maps this
-    call's rotated keys and values `[batch, q, kv_heads, head_dim]` to the
+    call's rotated keys and values `[batch, kv_heads, q, head_dim]` to the
     full key/value arrays to attend over (e.g. a KV cache with them written
     in). Returns `(out [batch, q, d_model], (keys, values))`.
     """
@@ -176,13 +180,13 @@ class Attention(nnx.Module):
       k, v = kv_update(k, v)
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(self.scale, q.dtype)
+    logits = jnp.einsum("btkgh,bksh->bkgts", q, k) * jnp.asarray(self.scale, q.dtype)
     logits = logits.astype(jnp.float32)
     if self.softcap:
       logits = jnp.tanh(logits / self.softcap) * self.softcap
     logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
     out = _linear(out, self.o_proj[...], None if self.o_bias is None else self.o_bias[...])
     return out, (k, v)
 
