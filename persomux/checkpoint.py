@@ -17,7 +17,7 @@ from flax import nnx
 
 def module_arrays(module: nnx.Module) -> dict:
   """The module's state as a pure nested dict of arrays."""
-  return nnx.state(module).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(module))
 
 
 def restore_into(module: nnx.Module, arrays: dict) -> None:

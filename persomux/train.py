@@ -86,7 +86,7 @@ def train_step(trunk, prompt, opt, batch):
   diff = nnx.DiffState(0, opt.wrt)
   loss, grads = nnx.value_and_grad(lambda p: mean_loss(trunk, p, batch), argnums=diff)(prompt)
   opt.update(prompt, grads)
-  return loss, optax.global_norm(grads)
+  return loss, optax.tree.norm(grads)
 
 
 @nnx.jit
