@@ -1,0 +1,129 @@
+"""The KV-cache sampler against transformers' generate, batching and seeds."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM)
+
+import persomux
+from persomux import prompts, sampling
+from persomux.tokenizer import train_bpe_tokenizer
+
+VOCAB = 120
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=2, bos_token_id=1,
+              pad_token_id=0)
+BUILDERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**COMMON, sliding_window=5, query_pre_attn_scalar=24)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **COMMON, sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def _save(hf, path):
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in hf.parameters():  # larger weights: peaked, non-degenerate greedy paths
+      p.copy_(torch.randn_like(p) * 0.5)
+  hf.eval().save_pretrained(path)
+  return hf
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def pair(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp(request.param)
+  hf = _save(BUILDERS[request.param](), path)
+  model, _ = persomux.load_model(str(path), tokenizer=False)
+  return request.param, hf, model
+
+
+def _hf_greedy(hf, n, **inputs):
+  with torch.no_grad():
+    out = hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+  return out.numpy()
+
+
+def test_greedy_matches_transformers(pair):
+  name, hf, model = pair
+  ids = np.random.RandomState(1).randint(3, VOCAB, (2, 9))
+  ref = _hf_greedy(hf, 16, input_ids=torch.tensor(ids))[:, 9:]
+  ours = sampling.generate_ids(model, ids, max_new_tokens=16)
+  np.testing.assert_array_equal(ours, ref, err_msg=name)
+
+
+def test_soft_prompt_matches_transformers_fed_spliced_embeds(pair):
+  name, hf, model = pair
+  ids = np.random.RandomState(2).randint(3, VOCAB, (2, 7))
+  pm = prompts.PersonaMux(3, 64, num_codes=4, code_tokens=2, bias_tokens=3, init_std=0.5, rngs=nnx.Rngs(3))
+  pm.mixtures[...] = jnp.ones((3, 4))
+  class_ids, index = np.array([2, 0]), np.array([1, 4])
+  soft, soft_len = pm(jnp.asarray(class_ids), 0.5)
+  embeds, _, _, _ = prompts.splice(model.embed(jnp.asarray(ids)), jnp.ones((2, 7), jnp.int32), soft, soft_len,
+                                   jnp.asarray(index))
+  ref = _hf_greedy(hf, 12, inputs_embeds=torch.tensor(np.asarray(embeds)),
+                   attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+  ours = sampling.generate_ids(model, ids, max_new_tokens=12,
+                               soft_prompts=sampling.SoftPrompts(pm, class_ids, 0.5), soft_index=index)
+  np.testing.assert_array_equal(ours, ref[:, -12:], err_msg=name)
+
+
+def test_batched_rows_equal_rows_alone(pair):
+  _, _, model = pair
+  rs = np.random.RandomState(4)
+  lengths = [5, 11, 8]
+  ids = np.zeros((3, 11), np.int32)
+  for r, n in enumerate(lengths):
+    ids[r, :n] = rs.randint(3, VOCAB, n)
+  pm = prompts.PersonaMux(3, 64, num_codes=4, code_tokens=2, bias_tokens=3, init_std=0.5, rngs=nnx.Rngs(5))
+  pm.mixtures[...] = jnp.eye(3, 4) * 2
+  classes, scales, index = [0, 1, 2], [1.0, 0.5, 0.0], [1, 3, 0]
+  together = sampling.generate_ids(model, ids, np.array(lengths), max_new_tokens=10,
+                                   soft_prompts=sampling.SoftPrompts(pm, classes, scales),
+                                   soft_index=np.array(index))
+  for r in range(3):
+    alone = sampling.generate_ids(model, ids[r:r + 1, :lengths[r]], max_new_tokens=10,
+                                  soft_prompts=sampling.SoftPrompts(pm, classes[r:r + 1], scales[r]),
+                                  soft_index=np.array(index[r:r + 1]))
+    np.testing.assert_array_equal(together[r], alone[0], err_msg=f"row {r}")
+
+
+def test_sampling_is_reproducible_and_seeded(pair):
+  _, _, model = pair
+  ids = np.random.RandomState(6).randint(3, VOCAB, (4, 6))
+  run = lambda seed, **kw: sampling.generate_ids(model, ids, max_new_tokens=12, temperature=5.0, seed=seed, **kw)
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.array_equal(run(0), run(1))
+  np.testing.assert_array_equal(run(3, top_k=1), sampling.generate_ids(model, ids, max_new_tokens=12))
+  np.testing.assert_array_equal(run(3, top_p=1e-6), sampling.generate_ids(model, ids, max_new_tokens=12))
+  np.testing.assert_array_equal(run(5, top_k=5, top_p=0.9), run(5, top_k=5, top_p=0.9))
+
+
+def test_generate_text_marker_eos_and_stop(tmp_path):
+  texts = ["the cat sat on the mat", "a dog ran in the park", "hello there friend"] * 5
+  tok = train_bpe_tokenizer(texts, vocab_size=VOCAB)
+  hf = _save(LlamaForCausalLM(LlamaConfig(**COMMON)), tmp_path)
+  tok.save_pretrained(tmp_path)
+  model, tokenizer = persomux.load_model(str(tmp_path))
+  pm = prompts.PersonaMux(2, 64, num_codes=4, code_tokens=2, bias_tokens=3, init_std=0.5, rngs=nnx.Rngs(0))
+  out = persomux_generate = sampling.generate(
+      model, tokenizer, ["the cat" + sampling.SOFT_MARKER + " sat", "hello"], max_new_tokens=8,
+      soft_prompts=sampling.SoftPrompts(pm, [0, 1], 1.0))
+  assert len(out) == 2 and all(isinstance(t, str) for t in out)
+  # The marker places soft tokens where it stands: same as splicing by hand.
+  pre = tokenizer("the cat")["input_ids"]
+  ids = pre + tokenizer(" sat", add_special_tokens=False)["input_ids"]
+  ref = sampling.generate_ids(model, np.array([ids]), max_new_tokens=8, soft_prompts=sampling.SoftPrompts(
+      pm, [0], 1.0), soft_index=np.array([len(pre)]), eos_ids=[tokenizer.eos_token_id])
+  expected = ref[0].tolist()
+  if tokenizer.eos_token_id in expected:
+    expected = expected[:expected.index(tokenizer.eos_token_id)]
+  assert persomux_generate[0] == tokenizer.decode(expected, skip_special_tokens=True)
+  if out[1]:
+    stop = out[1][len(out[1]) // 2:][:2] or out[1][:1]
+    cut = sampling.generate(model, tokenizer, ["hello"], max_new_tokens=8, stop=[stop],
+                            soft_prompts=sampling.SoftPrompts(pm, [1], 1.0))
+    assert stop not in cut[0] and out[1].startswith(cut[0])
