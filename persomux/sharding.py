@@ -1,0 +1,127 @@
+"""Meshes and sharding rules: trunk (FSDP + tensor parallel), prompt state, batches.
+
+Axis names are `data`, `fsdp` and `tensor`. Weights keep Hugging Face's
+`[out, in]` layout: projections into heads/MLP shard `out` over `tensor` and
+`in` over `fsdp`; projections back to `d_model` the other way round. A
+dimension that an axis does not divide stays replicated on that axis.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def parse_mesh(spec: str | None, devices=None) -> jax.sharding.Mesh:
+  """A mesh from `"data:2,fsdp:2,tensor:2"`; empty: every device on `data`.
+
+  One axis may be `-1` to take the remaining devices.
+  """
+  devices = devices if devices is not None else jax.devices()
+  n = len(devices)
+  sizes = {a: 1 for a in AXES}
+  if spec:
+    for part in spec.split(","):
+      name, _, size = part.partition(":")
+      name = name.strip()
+      if name not in AXES:
+        raise ValueError(f"--mesh: axis {name!r} is unknown; expected {', '.join(AXES)}")
+      try:
+        sizes[name] = int(size)
+      except ValueError as e:
+        raise ValueError(f"--mesh: axis {name!r} needs an integer size, got {size!r}") from e
+    if list(sizes.values()).count(-1) > 1:
+      raise ValueError("--mesh: at most one axis may be -1")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    for a, s in sizes.items():
+      if s == -1:
+        sizes[a] = n // known
+  else:
+    sizes["data"] = n
+  total = int(np.prod(list(sizes.values())))
+  if total != n:
+    raise ValueError(f"--mesh {spec!r} needs {total} devices; {n} are available")
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices)
+
+
+# (regex over the module path, spec for [out, in] or [d]) — first match wins.
+_TRUNK_RULES = (
+    (r"embed_tokens|lm_head", ("tensor", "fsdp")),
+    (r".*\.(q|k|v|gate|up)_proj", ("tensor", "fsdp")),
+    (r".*\.(o|down)_proj", ("fsdp", "tensor")),
+    (r".*\.(q|k|v|gate|up)_bias", ("tensor",)),
+    (r".*", ()),
+)
+
+
+def _fit(spec: tuple, shape: tuple, mesh) -> P:
+  """Drops axes that do not divide their dimension."""
+  out = []
+  for dim, axis in zip(shape, spec + (None,) * (len(shape) - len(spec))):
+    if axis is None:
+      out.append(None)
+      continue
+    names = axis if isinstance(axis, tuple) else (axis,)
+    size = int(np.prod([mesh.shape[a] for a in names]))
+    out.append(axis if dim % size == 0 and size > 1 else None)
+  return P(*out)
+
+
+def trunk_spec(path: tuple, shape: tuple, mesh) -> P:
+  key = ".".join(str(p) for p in path)
+  for pattern, spec in _TRUNK_RULES:
+    if re.fullmatch(pattern, key):
+      return _fit(spec, shape, mesh)
+  return P()
+
+
+def prompt_spec(path: tuple, shape: tuple, mesh) -> P:
+  """Codebook and bias replicated; mixture/prompt tables sharded over classes."""
+  key = str(path[-1]) if path else ""
+  if key in ("mixtures", "prompts"):
+    return _fit((BATCH_AXES,), shape, mesh)
+  return P()
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """Places a host batch (rows divisible by data*fsdp) sharded over the data axes."""
+  return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+
+
+def shard_placer(mesh):
+  """A `place` function for `params.load_trunk` that reads each weight straight
+  into its shards: every device gets only its slice of the memory map."""
+
+  def place(path, host, dtype):
+    sharding = NamedSharding(mesh, trunk_spec(path, tuple(host.shape), mesh))
+    return jax.make_array_from_callback(tuple(host.shape), sharding,
+                                        lambda idx: np.asarray(host[idx], dtype=dtype))
+
+  return place
+
+
+def shard_module(module, mesh, spec_fn=prompt_spec):
+  """Reshards every variable of `module` in place according to `spec_fn`."""
+  from flax import nnx
+
+  state = nnx.state(module)
+  flat = nnx.to_flat_state(state)
+  new = []
+  for path, var in flat:
+    value = var.get_value()
+    sharding = NamedSharding(mesh, spec_fn(path, tuple(np.shape(value)), mesh))
+    new.append((path, var.replace(jax.device_put(value, sharding))))
+  nnx.update(module, nnx.from_flat_state(new))
+  return module
