@@ -1,0 +1,440 @@
+"""Class-labelled text -> tokenized, padded batches with a soft-token slot.
+
+Records (JSONL, CSV or Parquet, read with Hugging Face `datasets`) carry
+`class` and `text`, and optionally `context`, `persona` and `group`. They are
+split by class into pretraining and held-out finetuning classes (groups never
+straddle the split), then per class into train and test.
+
+Each example is tokenized in three pieces: `prefix` (BOS, chat header, text
+persona), `suffix` (the rest of the prompt: context, instruction) and `target`
+(the text the model must produce, then EOS or the end-of-turn tokens). The
+soft tokens go between prefix and suffix: right after the persona, or right
+after BOS / the chat header when there is none. Only target tokens carry loss.
+
+A batch is a dict of numpy arrays:
+  input_ids       int32   [batch, seq]  prefix ⊕ suffix ⊕ target, right padded
+  attention_mask  int32   [batch, seq]  1 on real tokens
+  loss_mask       float32 [batch, seq]  1 where the token is a target token; the
+                                        training loss predicts token t from the
+                                        position just before it
+  soft_index      int32   [batch]       where the soft tokens are inserted (= len(prefix))
+  class_ids       int32   [batch]
+Rows added to fill the last batch have all-zero masks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+SOFT = "{soft}"
+DEFAULT_TEMPLATE = "{persona}{soft}\n{context}\n"
+DEFAULT_INSTRUCTION = "Continue."
+_SOFT_MARK = "\u2063SOFT\u2063"
+_TEXT_MARK = "\u2063TEXT\u2063"
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+  """Unusable data; the message names the file, the field and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One example: `cls` produced `text` (after `context`)."""
+
+  cls: str
+  text: str
+  context: str | None = None
+  persona: str | None = None
+  group: str | None = None
+
+  def to_json(self) -> dict:
+    return {"class": self.cls, "text": self.text, "context": self.context, "persona": self.persona,
+            "group": self.group}
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def _files(path_or_paths) -> list[str]:
+  paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+  out = []
+  for p in map(str, paths):
+    if os.path.isdir(p):
+      found = sorted(f for ext in _FORMATS for f in glob.glob(os.path.join(p, f"*{ext}")))
+      if not found:
+        raise DataError(f"{p}: directory holds no {', '.join(_FORMATS)} files")
+      out.extend(found)
+    elif os.path.isfile(p):
+      out.append(p)
+    else:
+      raise DataError(f"{p}: no such file")
+  for f in out:
+    if os.path.splitext(f)[1].lower() not in _FORMATS:
+      raise DataError(f"{f}: unsupported extension; expected one of {', '.join(_FORMATS)}")
+  return out
+
+
+def _clean(v) -> str | None:
+  if v is None:
+    return None
+  if isinstance(v, float) and math.isnan(v):
+    return None
+  s = str(v)
+  return s if s.strip() else None
+
+
+def load_records(path_or_paths) -> tuple[list[Record], collections.Counter]:
+  """Reads records from JSONL/CSV/Parquet files (or directories of them).
+
+  Returns `(records, skipped)`, where `skipped` counts dropped rows by reason.
+  Raises `DataError` for a missing file, a missing `class`/`text` column or
+  an empty dataset.
+  """
+  import datasets
+
+  datasets.disable_progress_bars()
+  records: list[Record] = []
+  skipped: collections.Counter = collections.Counter()
+  for f in _files(path_or_paths):
+    if os.path.getsize(f) == 0:
+      raise DataError(f"{f}: file is empty; expected records with 'class' and 'text'")
+    fmt = _FORMATS[os.path.splitext(f)[1].lower()]
+    try:
+      ds = datasets.load_dataset(fmt, data_files=f, split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+      raise DataError(f"{f}: cannot read as {fmt}: {e}") from e
+    for field in ("class", "text"):
+      if field not in ds.column_names:
+        raise DataError(f"{f}: missing field {field!r}; columns are {ds.column_names}")
+    cols = {c: ds[c] if c in ds.column_names else [None] * len(ds)
+            for c in ("class", "text", "context", "persona", "group")}
+    for i in range(len(ds)):
+      cls, text = _clean(cols["class"][i]), _clean(cols["text"][i])
+      if cls is None:
+        skipped["missing class"] += 1
+        continue
+      if text is None:
+        skipped["empty text"] += 1
+        continue
+      records.append(Record(cls, text, _clean(cols["context"][i]), _clean(cols["persona"][i]),
+                            _clean(cols["group"][i])))
+  if not records:
+    raise DataError(f"{', '.join(_files(path_or_paths))}: dataset is empty (no record with a "
+                    f"'class' and a non-empty 'text'; skipped: {dict(skipped)})")
+  return records, skipped
+
+
+def write_jsonl(records: Iterable[Record | dict], path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r.to_json() if isinstance(r, Record) else r) + "\n")
+  os.replace(tmp, path)
+
+
+def by_class(records: Iterable[Record]) -> dict[str, list[Record]]:
+  out: dict[str, list[Record]] = collections.defaultdict(list)
+  for r in records:
+    out[r.cls].append(r)
+  return dict(out)
+
+
+# --- splits -----------------------------------------------------------------------------
+
+
+def split_classes(records: Sequence[Record], finetune_fraction: float = 0.1,
+                  seed: int = 0) -> tuple[list[str], list[str]]:
+  """Class-level split into (pretraining classes, finetuning classes).
+
+  Finetuning classes hold about `finetune_fraction` of the records. Classes
+  that share a `group` (or appear in several groups linked by a class) go to
+  the same side. Deterministic for a seed.
+  """
+  if not 0.0 < finetune_fraction < 1.0:
+    raise DataError(f"data.finetune_fraction is {finetune_fraction}; expected a value in (0, 1)")
+  parent: dict[str, str] = {}
+
+  def find(x):
+    while parent.setdefault(x, x) != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  size: collections.Counter = collections.Counter()
+  for r in records:
+    c = "class:" + r.cls
+    g = "group:" + r.group if r.group else c
+    parent[find(c)] = find(g)
+  for r in records:
+    size[find("class:" + r.cls)] += 1
+  units = sorted(size)
+  if len(units) < 2:
+    raise DataError(f"cannot split {len(units)} class group(s) into pretraining and finetuning classes; "
+                    "expected at least two independent groups")
+  order = np.random.default_rng(seed).permutation(len(units))
+  target = finetune_fraction * len(records)
+  chosen, total = set(), 0
+  for i in order:
+    u = units[i]
+    if total + size[u] <= target or not chosen:
+      chosen.add(u)
+      total += size[u]
+    if total >= target:
+      break
+  if len(chosen) == len(units):
+    chosen.discard(units[order[-1]])
+  fine = sorted({r.cls for r in records if find("class:" + r.cls) in chosen})
+  pre = sorted({r.cls for r in records} - set(fine))
+  return pre, fine
+
+
+def check_disjoint(pretrain: Iterable[str], finetune: Iterable[str], source: str = "finetune classes") -> None:
+  both = sorted(set(pretrain) & set(finetune))
+  if both:
+    raise DataError(f"{source}: classes {both[:5]}{'...' if len(both) > 5 else ''} also appear in "
+                    "pretraining; stage-2 classes must be new")
+
+
+def select_classes(records: Sequence[Record], classes: Iterable[str], source: str = "data") -> list[Record]:
+  """The records of `classes`; a class with no examples is an error."""
+  groups = by_class(records)
+  missing = [c for c in classes if c not in groups]
+  if missing:
+    raise DataError(f"{source}: class {missing[0]!r} has no examples"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  return [r for c in classes for r in groups[c]]
+
+
+def cap_per_class(records: Sequence[Record], max_per_class: int, seed: int = 0) -> list[Record]:
+  """At most `max_per_class` records per class (a seeded sample); 0 keeps all."""
+  if not max_per_class:
+    return list(records)
+  rng = np.random.default_rng(seed)
+  out = []
+  for cls, rs in sorted(by_class(records).items()):
+    idx = sorted(rng.permutation(len(rs))[:max_per_class])
+    out.extend(rs[i] for i in idx)
+  return out
+
+
+def split_train_test(records: Sequence[Record], test_fraction: float = 0.1,
+                     seed: int = 0) -> tuple[list[Record], list[Record]]:
+  """Per-class train/test split; every class keeps at least one train example,
+  and a class with two or more examples gives at least one to test."""
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for cls, rs in sorted(by_class(records).items()):
+    perm = rng.permutation(len(rs))
+    n_test = 0 if len(rs) < 2 or test_fraction <= 0 else min(max(1, round(len(rs) * test_fraction)), len(rs) - 1)
+    test.extend(rs[i] for i in sorted(perm[:n_test]))
+    train.extend(rs[i] for i in sorted(perm[n_test:]))
+  return train, test
+
+
+class ClassVocab:
+  """Stable class name <-> id mapping (names in the given order)."""
+
+  def __init__(self, names: Iterable[str]):
+    self.names = list(names)
+    if len(set(self.names)) != len(self.names):
+      raise DataError("class names must be unique")
+    self.index = {n: i for i, n in enumerate(self.names)}
+
+  def __len__(self):
+    return len(self.names)
+
+  def id(self, name: str) -> int:
+    if name not in self.index:
+      raise KeyError(f"unknown class {name!r}; known: {self.names[:5]}{'...' if len(self.names) > 5 else ''}")
+    return self.index[name]
+
+
+# --- templating and tokenization ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  prefix: np.ndarray  # int32, ends where the soft tokens go
+  suffix: np.ndarray
+  target: np.ndarray
+  class_id: int
+
+  def __len__(self):
+    return len(self.prefix) + len(self.suffix) + len(self.target)
+
+
+class PromptFormatter:
+  """Turns (persona, context, text) into token pieces around the soft slot.
+
+  With a chat template (`use_chat_template` "auto" uses one when the
+  tokenizer has it), the persona and the soft slot form the system message,
+  the context (or `instruction`) the user message and the text the assistant
+  reply; templates without a system role get the system part at the start of
+  the user message. Otherwise `template` (which must contain `{soft}` and may
+  use `{persona}` and `{context}`) is followed by the text and EOS.
+  """
+
+  def __init__(self, tokenizer, template: str = DEFAULT_TEMPLATE, use_chat_template: str | bool = "auto",
+               instruction: str = DEFAULT_INSTRUCTION):
+    if SOFT not in template:
+      raise DataError(f"data.template {template!r} has no {SOFT} placeholder for the soft tokens")
+    self.tok = tokenizer
+    self.template = template
+    self.instruction = instruction
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template in ("auto", None):
+      self.chat = has_chat
+    else:
+      self.chat = use_chat_template in (True, "yes", "true", "1")
+      if self.chat and not has_chat:
+        raise DataError("data.use_chat_template is on, but the tokenizer has no chat template")
+    self.eos = tokenizer.eos_token_id
+
+  def _ids(self, s: str, special: bool = False) -> list[int]:
+    return list(self.tok(s, add_special_tokens=special)["input_ids"]) if s or special else []
+
+  def _render_chat(self, persona, context, with_text: bool) -> str:
+    system = (persona or "") + _SOFT_MARK
+    user = context or self.instruction
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if with_text:
+      msgs.append({"role": "assistant", "content": _TEXT_MARK})
+    kw = dict(tokenize=False, add_generation_prompt=not with_text)
+    try:
+      return self.tok.apply_chat_template(msgs, **kw)
+    except Exception:  # templates without a system role (e.g. Gemma) raise
+      msgs = [{"role": "user", "content": system + "\n\n" + user}] + msgs[2:]
+      return self.tok.apply_chat_template(msgs, **kw)
+
+  def prompt_pieces(self, persona: str | None, context: str | None) -> tuple[list[int], list[int]]:
+    """`(prefix, suffix)` token ids of a generation prompt (the soft slot between them)."""
+    if self.chat:
+      rendered = self._render_chat(persona, context, with_text=False)
+      before, after = rendered.split(_SOFT_MARK, 1)
+      return self._ids(before), self._ids(after)
+    before, after = self.template.split(SOFT, 1)
+    fill = dict(persona=persona or "", context=context or "")
+    return self._ids(before.format(**fill), special=True), self._ids(after.format(**fill))
+
+  def pieces(self, persona: str | None, context: str | None, text: str) -> tuple[list[int], list[int], list[int]]:
+    """`(prefix, suffix, target)` token ids of a training example."""
+    if self.chat:
+      rendered = self._render_chat(persona, context, with_text=True)
+      before, rest = rendered.split(_SOFT_MARK, 1)
+      middle, end = rest.split(_TEXT_MARK, 1)
+      end_ids = self._ids(end.rstrip())
+      target = self._ids(text) + (end_ids or ([self.eos] if self.eos is not None else []))
+      return self._ids(before), self._ids(middle), target
+    prefix, suffix = self.prompt_pieces(persona, context)
+    return prefix, suffix, self._ids(text) + ([self.eos] if self.eos is not None else [])
+
+
+def encode(records: Sequence[Record], formatter: PromptFormatter, vocab: ClassVocab, max_len: int,
+           counts: collections.Counter | None = None) -> list[Example]:
+  """Tokenizes records; long examples lose context from the left, then target from the right.
+
+  `max_len` is the budget of prefix + suffix + target tokens (soft tokens
+  excluded). Truncations are counted in `counts`.
+  """
+  counts = counts if counts is not None else collections.Counter()
+  out = []
+  for r in records:
+    prefix, suffix, target = formatter.pieces(r.persona, r.context, r.text)
+    if len(prefix) >= max_len:
+      raise DataError(f"class {r.cls!r}: the persona prompt alone has {len(prefix)} tokens; "
+                      f"data.max_len={max_len} leaves no room for the text")
+    room = max_len - len(prefix) - len(target)
+    if room < len(suffix):
+      counts["context truncated"] += 1
+      suffix = suffix[len(suffix) - max(room, 0):] if room > 0 else []
+    if len(prefix) + len(suffix) + len(target) > max_len:
+      counts["target truncated"] += 1
+      target = target[:max_len - len(prefix) - len(suffix)]
+    out.append(Example(np.asarray(prefix, np.int32), np.asarray(suffix, np.int32),
+                       np.asarray(target, np.int32), vocab.id(r.cls)))
+  return out
+
+
+def default_buckets(max_len: int, minimum: int = 16) -> tuple[int, ...]:
+  out, b = [], minimum
+  while b < max_len:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (max_len,)
+
+
+def bucket_len(n: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if b >= n:
+      return b
+  return n
+
+
+def collate(examples: Sequence[Example], batch_size: int, buckets: Sequence[int], pad_id: int = 0) -> dict:
+  """Pads `examples` (at most `batch_size`) into one batch (see module docstring)."""
+  if len(examples) > batch_size:
+    raise ValueError(f"{len(examples)} examples do not fit a batch of {batch_size}")
+  t = bucket_len(max((len(e) for e in examples), default=1), buckets)
+  ids = np.full((batch_size, t), pad_id, np.int32)
+  am = np.zeros((batch_size, t), np.int32)
+  lm = np.zeros((batch_size, t), np.float32)
+  si = np.zeros((batch_size,), np.int32)
+  ci = np.zeros((batch_size,), np.int32)
+  for r, e in enumerate(examples):
+    seq = np.concatenate([e.prefix, e.suffix, e.target])
+    ids[r, :len(seq)] = seq
+    am[r, :len(seq)] = 1
+    lm[r, len(e.prefix) + len(e.suffix):len(seq)] = 1.0
+    si[r] = len(e.prefix)
+    ci[r] = e.class_id
+  return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "soft_index": si, "class_ids": ci}
+
+
+class ShuffledBatches:
+  """Batches in a seeded order per epoch: batch `(epoch, index)` is always the same.
+
+  This is what makes a resumed run replay exactly the batches it would have
+  seen. The last partial batch is padded with empty rows (or dropped).
+  With `num_shards > 1`, each process gets rows `shard::num_shards` of every
+  global batch (multi-host data loading).
+  """
+
+  def __init__(self, examples: Sequence[Example], batch_size: int, *, seed: int = 0,
+               buckets: Sequence[int] = (), pad_id: int = 0, drop_last: bool = False, shuffle: bool = True,
+               shard: int = 0, num_shards: int = 1):
+    if not examples:
+      raise DataError("no examples to batch")
+    self.examples, self.batch_size, self.seed = list(examples), batch_size or len(examples), seed
+    self.buckets = tuple(buckets) or default_buckets(max(len(e) for e in examples))
+    self.pad_id, self.drop_last, self.shuffle = pad_id, drop_last, shuffle
+    self.shard, self.num_shards = shard, num_shards
+    if self.batch_size % num_shards:
+      raise DataError(f"batch size {self.batch_size} is not divisible by {num_shards} processes")
+
+  def steps_per_epoch(self) -> int:
+    n = len(self.examples)
+    return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+  def batch(self, epoch: int, index: int) -> dict:
+    n = len(self.examples)
+    order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    sel = order[index * self.batch_size:(index + 1) * self.batch_size]
+    rows = [self.examples[i] for i in sel]
+    b = collate(rows, self.batch_size, self.buckets, self.pad_id)
+    if self.num_shards > 1:
+      b = {k: v[self.shard::self.num_shards] for k, v in b.items()}
+    return b
+
+  def all_batches(self) -> list[dict]:
+    """Every batch of epoch 0 in order (for evaluation with shuffle=False)."""
+    return [self.batch(0, i) for i in range(self.steps_per_epoch())]
