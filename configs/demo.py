@@ -1,0 +1,50 @@
+"""The embedded demo: a small Llama-architecture base model trained on a
+synthetic persona population, ~200 pretraining personas and 20 unseen ones
+with 20 training examples each. Runs in minutes on 2 CPU cores."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.corpus = ml_collections.ConfigDict()
+  c.corpus.num_personas = 220
+  c.corpus.examples_per_persona = 40
+  c.corpus.seed = 0
+  c.corpus.style_strength = 0.8
+
+  c.base_model = ml_collections.ConfigDict()
+  c.base_model.vocab_size = 512
+  c.base_model.d_model = 128
+  c.base_model.num_layers = 4
+  c.base_model.num_heads = 4
+  c.base_model.num_kv_heads = 2
+  c.base_model.ffn_dim = 384
+  c.base_model.steps = 600
+  c.base_model.batch_size = 32
+  c.base_model.learning_rate = 3e-3
+
+  c.data.finetune_fraction = 20 / 220  # 20 unseen personas
+  c.data.test_fraction = 1 / 3
+  c.data.max_per_class_finetune = 30  # 20 train + 10 test per unseen persona
+  c.data.max_len = 64
+  c.data.use_chat_template = "no"
+
+  c.pretrain.batch_size = 32
+  c.pretrain.warmup_epochs = 1
+  c.pretrain.epochs = 3
+  c.pretrain.learning_rate = 3e-3
+  c.pretrain.checkpoint_every = 100
+  c.pretrain.eval_every = 100
+
+  c.finetune.steps = 100
+  c.finetune.learning_rate = 3e-2
+  c.finetune.checkpoint_every = 50
+  c.finetune.eval_every = 50
+
+  c.samples = ml_collections.ConfigDict()
+  c.samples.personas = 2
+  c.samples.max_new_tokens = 32
+  return c
