@@ -17,12 +17,12 @@ def get_config():
 
   c.base_model = ml_collections.ConfigDict()
   c.base_model.vocab_size = 512
-  c.base_model.d_model = 128
+  c.base_model.d_model = 96
   c.base_model.num_layers = 4
   c.base_model.num_heads = 4
   c.base_model.num_kv_heads = 2
-  c.base_model.ffn_dim = 384
-  c.base_model.steps = 600
+  c.base_model.ffn_dim = 256
+  c.base_model.steps = 800
   c.base_model.batch_size = 32
   c.base_model.learning_rate = 3e-3
 
@@ -35,11 +35,14 @@ def get_config():
   c.pretrain.batch_size = 32
   c.pretrain.warmup_epochs = 1
   c.pretrain.epochs = 3
-  c.pretrain.learning_rate = 3e-3
+  c.pretrain.learning_rate = 1e-2
   c.pretrain.checkpoint_every = 100
   c.pretrain.eval_every = 100
 
   c.finetune.steps = 100
+  # The paper trains stage 2 full batch; 100-example minibatches keep the
+  # demo within minutes on 2 CPU cores (set 0 for full batch).
+  c.finetune.batch_size = 100
   c.finetune.learning_rate = 3e-2
   c.finetune.checkpoint_every = 50
   c.finetune.eval_every = 50

@@ -248,7 +248,15 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
       embeddings `[batch, P, d]` (a `(embeds, lengths)` pair for ragged rows).
     stop: strings that end a row's continuation (the stop string is cut).
   """
-  rows = [_encode(tokenizer, p) for p in prompts]
+  return generate_rows(model, tokenizer, [_encode(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, soft_prompts=soft_prompts,
+                       stop=stop)
+
+
+def generate_rows(model, tokenizer, rows: Sequence[tuple[Sequence[int], int]], *, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int = 0, soft_prompts=None, stop: Sequence[str] | None = None) -> list[str]:
+  """`generate` for prompts already tokenized as `(ids, soft_index)` rows."""
   t = max(len(ids) for ids, _ in rows)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   ids = np.full((len(rows), t), pad, np.int32)

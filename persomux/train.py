@@ -178,9 +178,9 @@ class MetricsLog:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def write(self, **record):
-    if self.path:
+    if self.path and _host0():
       with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
 
 def _host0() -> bool:

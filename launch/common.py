@@ -1,0 +1,34 @@
+"""Shared setup for the launch scripts: sys.path, distributed init, mesh, logging."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from absl import flags, logging
+
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data).")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the environment "
+                  "names a coordinator (JAX_COORDINATOR_ADDRESS / cluster auto-detection).")
+
+
+def setup(config=None):
+  """Initializes multi-host JAX when asked, and returns the mesh."""
+  import jax
+
+  FLAGS = flags.FLAGS
+  wants = FLAGS.distributed
+  if wants is None:
+    wants = bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"))
+  if wants:
+    jax.distributed.initialize()
+  # Orbax logs every save at INFO; progress bars and printed summaries say enough.
+  logging.set_verbosity(logging.WARNING)
+  from persomux import sharding
+
+  spec = FLAGS.mesh if FLAGS.mesh is not None else (config.get("mesh", "") if config is not None else "")
+  return sharding.parse_mesh(spec or None)

@@ -1,0 +1,41 @@
+r"""Stage 2: learn the held-out classes with W and b frozen (only m_i trains).
+
+  python launch/finetune.py --workdir=runs/l3 [--config=configs/llama3_8b_paper.py] [--method=persona_mux]
+
+Uses the trunk, data and class split of the stage-1 run in --workdir (its
+run.json) unless --config is given. All new classes train together, full
+batch by default, for `finetune.steps` steps; per-class test loss is logged
+to WORKDIR/metrics.jsonl and printed.
+"""
+
+import json
+
+import common  # noqa: F401
+from absl import app, flags
+from ml_collections import config_dict, config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's run.json.")
+flags.DEFINE_string("workdir", None, "The stage-1 run directory.", required=True)
+flags.DEFINE_enum("method", "persona_mux", ["persona_mux", "random_codebook", "soft_prompt"],
+                  "Which per-class parameters to learn.")
+
+
+def main(argv):
+  del argv
+  from persomux import param_counts, stages
+
+  cfg = FLAGS.config if FLAGS.config is not None else config_dict.ConfigDict(stages.load_run(FLAGS.workdir))
+  common.setup(cfg)
+  trunk, tokenizer = stages.load_trunk(cfg)
+  p = cfg.prompt
+  print("trainable parameters:", json.dumps(param_counts(
+      cfg.model_dir, num_codes=p.num_codes, code_tokens=p.code_tokens, bias_tokens=p.bias_tokens,
+      soft_prompt_tokens=p.soft_prompt_tokens)))
+  out = stages.finetune(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method)
+  print(json.dumps({"method": FLAGS.method, "initial_test_loss": out["initial_test_loss"],
+                    "test_loss": out["test_loss"], "per_class": out["per_class"]}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

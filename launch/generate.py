@@ -1,0 +1,90 @@
+r"""Talk to a persona: generate with its soft prompt from a trained workdir.
+
+  python launch/generate.py --workdir=runs/demo --persona=persona_0007 --bias_scale=0.5 --prompts=prompts.txt
+  echo "Tell me about the harbor." | python launch/generate.py --workdir=runs/demo --persona=persona_0007 --prompts=-
+
+Each line of --prompts is one prompt (the context the persona answers). The
+persona's text description and soft tokens are placed exactly as in
+training. Prints one continuation per line, or writes JSONL with --output.
+"""
+
+import json
+import os
+import sys
+
+import common  # noqa: F401
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A run directory with a trained prompt.", required=True)
+flags.DEFINE_string("persona", None, "Class name of the persona.", required=True)
+flags.DEFINE_string("prompts", "-", "File with one prompt per line, or - for stdin.")
+flags.DEFINE_enum("method", "persona_mux", ["persona_mux", "random_codebook", "soft_prompt"],
+                  "Which trained prompt to use.")
+flags.DEFINE_float("bias_scale", 1.0, "Scale of the bias tokens: 1 full, 0.5 half, 0 removes them.")
+flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
+flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")
+flags.DEFINE_string("output", None, "Write JSONL here instead of printing.")
+
+
+def find_prompt(workdir, persona, method, d_model):
+  """The prompt module and class id that hold `persona` (stage 2 first, then stage 1)."""
+  from persomux import stages
+
+  names = [f"finetune_{method}", "pretrain" if method == "persona_mux" else f"pretrain_{method}"]
+  seen = []
+  for name in names:
+    if not os.path.isdir(os.path.join(workdir, "prompt", name)):
+      continue
+    module, meta = stages.load_prompt(workdir, name, d_model)
+    if persona in meta["classes"]:
+      return module, meta["classes"].index(persona)
+    seen.extend(meta["classes"])
+  if not seen:
+    raise app.UsageError(f"{workdir}: no trained {method} prompt; run pretrain/finetune first")
+  raise app.UsageError(f"--persona={persona!r} is not in {workdir}; known personas include {seen[:8]}")
+
+
+def main(argv):
+  del argv
+  from persomux import data as data_lib
+  from persomux import sampling, stages
+
+  run = stages.load_run(FLAGS.workdir)
+  common.setup(run)
+  trunk, tokenizer = stages.load_trunk(run)
+  module, cid = find_prompt(FLAGS.workdir, FLAGS.persona, FLAGS.method, trunk.config.d_model)
+  split = stages.Split.make([], run, FLAGS.workdir)
+  persona_text = split.personas.get(FLAGS.persona)
+  fmt = stages.formatter_for(tokenizer, run)
+  src = sys.stdin if FLAGS.prompts == "-" else open(FLAGS.prompts)
+  lines = [l.rstrip("\n") for l in src if l.strip()]
+  if not lines:
+    raise app.UsageError(f"--prompts={FLAGS.prompts}: no prompts (one per line expected)")
+  out = open(FLAGS.output, "w") if FLAGS.output else None
+  for start in range(0, len(lines), FLAGS.batch_size):
+    chunk = lines[start:start + FLAGS.batch_size]
+    rows = []
+    for line in chunk:
+      pre, suf = fmt.prompt_pieces(persona_text, line)
+      rows.append((pre + suf, len(pre)))
+    texts = sampling.generate_rows(
+        trunk, tokenizer, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed + start,
+        soft_prompts=sampling.SoftPrompts(module, [cid] * len(rows), FLAGS.bias_scale))
+    for line, text in zip(chunk, texts):
+      if out:
+        out.write(json.dumps({"persona": FLAGS.persona, "bias_scale": FLAGS.bias_scale, "prompt": line,
+                              "generation": text}) + "\n")
+      else:
+        print(text.replace("\n", " "))
+  if out:
+    out.close()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,73 @@
+"""End to end through the absl launches: pretrain -> finetune -> generate on a tiny trunk."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from persomux import synthetic
+from persomux.tokenizer import train_bpe_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("launch")
+  records = synthetic.make_corpus(synthetic.SyntheticCorpusConfig(num_personas=12, examples_per_persona=8))
+  data = tmp / "records.jsonl"
+  synthetic.write_jsonl(records, data)
+  tok = train_bpe_tokenizer(synthetic.population_text(records), vocab_size=300)
+  torch.manual_seed(0)
+  hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+  model_dir = tmp / "trunk"
+  hf.save_pretrained(model_dir)
+  tok.save_pretrained(model_dir)
+  return tmp, str(model_dir), str(data), records
+
+
+def run(script, *args, check=True, env_extra=None):
+  env = dict(os.environ, **(env_extra or {}))
+  env.pop("XLA_FLAGS", None)  # one device is enough here
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def test_pretrain_finetune_generate(setup):
+  tmp, model_dir, data, records = setup
+  workdir = str(tmp / "run")
+  common = [f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", f"--config.model_dir={model_dir}",
+            f"--config.data.path={data}", "--config.data.finetune_fraction=0.25"]
+  out = run("pretrain.py", *common)
+  assert "trainable parameters" in out.stdout
+  split = json.load(open(os.path.join(workdir, "split.json")))
+  assert split["pretrain"] and split["finetune"] and not set(split["pretrain"]) & set(split["finetune"])
+  run("finetune.py", f"--workdir={workdir}")
+  metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {m["stage"] for m in metrics} == {"pretrain", "finetune_persona_mux"}
+  assert any(m["event"] == "eval" for m in metrics)
+  persona = split["finetune"][0]
+  prompts = tmp / "prompts.txt"
+  prompts.write_text("Tell me about the harbor.\nWhat do you think of the market?\n")
+  gen = run("generate.py", f"--workdir={workdir}", f"--persona={persona}", f"--prompts={prompts}",
+            "--bias_scale=0.5", "--max_new_tokens=8", f"--output={tmp / 'out.jsonl'}")
+  rows = [json.loads(l) for l in open(tmp / "out.jsonl")]
+  assert [r["prompt"] for r in rows] == ["Tell me about the harbor.", "What do you think of the market?"]
+  assert all(r["persona"] == persona and isinstance(r["generation"], str) for r in rows)
+  bad = run("generate.py", f"--workdir={workdir}", "--persona=nobody", f"--prompts={prompts}", check=False)
+  assert bad.returncode != 0 and "nobody" in bad.stderr
+
+
+def test_help_is_clear():
+  for script in ("pretrain.py", "finetune.py", "generate.py", "demo.py", "benchmark.py"):
+    out = run(script, "--helpshort", check=False)
+    assert ("--workdir" in out.stdout or "--suite" in out.stdout), script
