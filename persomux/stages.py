@@ -173,7 +173,8 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
     phases.append(train.Phase("warmup", prompts_lib.Bias, src, tc["warmup_epochs"] * spe, optim))
   phases.append(train.Phase("joint", prompts_lib.PromptParam, src, tc["epochs"] * spe, optim))
   test_batches = _eval_batches(te, config) if te else []
-  eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches))) if test_batches else None
+  eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches), split.pretrain)) \
+      if test_batches else None
   stage = "pretrain" if method == "persona_mux" else f"pretrain_{method}"
   result = train.run_phases(trunk, prompt, phases, workdir=workdir, checkpoint_every=tc["checkpoint_every"],
                             eval_fn=eval_fn, eval_every=tc["eval_every"], stage=stage, progress=progress,
@@ -185,8 +186,9 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
           "classes": len(split.pretrain), "truncated": dict(counts), **result}
 
 
-def _summary(ev: dict) -> dict:
-  return {"test_loss": ev["loss"], "test_tokens": ev["tokens"]}
+def _summary(ev: dict, names: list[str]) -> dict:
+  return {"test_loss": ev["loss"], "test_tokens": ev["tokens"],
+          "per_class": {names[c]: round(v, 5) for c, v in ev["per_class"].items()}}
 
 
 def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: str = "persona_mux",
@@ -225,7 +227,8 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   test_batches = _eval_batches(te, config) if te else []
   initial = train.evaluate(trunk, prompt, test_batches) if test_batches else {"loss": float("nan"),
                                                                               "per_class": {}}
-  eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches))) if test_batches else None
+  eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches), split.finetune)) \
+      if test_batches else None
   phase = train.Phase("finetune", _TRAINS[method], src, fc["steps"], train.OptimConfig.from_config(fc))
   stage = f"finetune_{method}"
   result = train.run_phases(trunk, prompt, [phase], workdir=workdir, checkpoint_every=fc["checkpoint_every"],

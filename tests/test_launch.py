@@ -54,7 +54,8 @@ def test_pretrain_finetune_generate(setup):
   run("finetune.py", f"--workdir={workdir}")
   metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert {m["stage"] for m in metrics} == {"pretrain", "finetune_persona_mux"}
-  assert any(m["event"] == "eval" for m in metrics)
+  assert any(m["event"] == "eval" and set(m["per_class"]) <= set(split["finetune"]) | set(split["pretrain"])
+             and m["per_class"] for m in metrics)
   persona = split["finetune"][0]
   prompts = tmp / "prompts.txt"
   prompts.write_text("Tell me about the harbor.\nWhat do you think of the market?\n")
