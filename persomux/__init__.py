@@ -12,6 +12,8 @@ _EXPORTS = {
     "TrunkConfig": "persomux.models.config",
     "Trunk": "persomux.models.modeling",
     "param_counts": "persomux.prompts",
+    "generate": "persomux.sampling",
+    "SoftPrompts": "persomux.sampling",
     "PersonaMux": "persomux.prompts",
     "SoftPrompt": "persomux.prompts",
     "RandomCodebook": "persomux.prompts",

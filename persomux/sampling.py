@@ -88,10 +88,10 @@ def _sample(logits, rng, temperature, top_k, top_p):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, embeds, mask, eos_ids, rng, limit, *, max_new, temperature, top_k, top_p):
-  """Prefill `embeds` `[B, S, d]` (real tokens first, `mask` 1 on them), then
-  decode up to `limit` <= `max_new` tokens (`max_new` is the bucketed size). Returns `(tokens [B, max_new], lengths [B])`."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"))
+def _prefill(graphdef, state, embeds, mask, rng, *, max_new):
+  """Runs `embeds` `[B, S, d]` (real tokens first, `mask` 1 on them) through the
+  trunk and fills the caches; returns the decode carry (see `_decode`)."""
   model = nnx.merge(graphdef, state)
   cfg = model.config
   b, s, _ = embeds.shape
@@ -100,35 +100,48 @@ def _generate(graphdef, state, embeds, mask, eos_ids, rng, limit, *, max_new, te
   lengths = mask.sum(-1).astype(jnp.int32)
   tables = model.rope_tables(positions)
   masks = model.masks(positions, positions, mask)
-  kv_dtype = model.dtype
   caches = []
   h = embeds.astype(model.dtype)
   for layer in model.layers:
     cos, sin = tables[layer.layer_type]
     h, (k, v) = layer(h, cos, sin, masks[layer.layer_type])
     size = _cache_len(model, layer.layer_type, total)
-    empty = {"k": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), kv_dtype),
-             "v": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), kv_dtype),
+    empty = {"k": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), model.dtype),
+             "v": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), model.dtype),
              "pos": jnp.full((b, size), -1, jnp.int32)}
     # Only the last `size` real tokens fit a ring buffer; padding never enters.
     ok = mask.astype(bool) & (positions >= lengths[:, None] - size)
     caches.append(_write(empty, k, v, positions, ok))
   last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
-  logits = model.logits(last)[:, 0]
+  return {"i": jnp.int32(0), "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, max_new), jnp.int32),
+          "caches": caches, "logits": model.logits(last)[:, 0], "rng": rng, "lengths": lengths}
 
-  def body(carry):
-    i, tok, done, out, caches, logits, rng = carry
-    rng, sub = jax.random.split(rng)
-    nxt = _sample(logits, sub, temperature, top_k, top_p)
-    nxt = jnp.where(done, 0, nxt)
-    out = out.at[:, i].set(nxt)
-    done = done | jnp.isin(nxt, eos_ids)
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"),
+                   donate_argnames=("carry",))
+def _decode(graphdef, state, carry, eos_ids, limit, *, temperature, top_k, top_p):
+  """Decodes until step `limit` or until every row is done; returns the carry.
+
+  The carry holds the step `i`, per-row `done` flags, the tokens so far
+  `out` `[B, max_new]` (0 after a row is done), the caches, the next-token
+  logits, the PRNG key and the prompt `lengths`.
+  """
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  lengths = carry["lengths"]
+  b = lengths.shape[0]
+  bidx = jnp.arange(b)[:, None]
+
+  def body(c):
+    rng, sub = jax.random.split(c["rng"])
+    nxt = _sample(c["logits"], sub, temperature, top_k, top_p)
+    nxt = jnp.where(c["done"], 0, nxt)
+    i = c["i"]
     pos = (lengths + i)[:, None]
     x = model.embed(nxt[:, None])
     tables = model.rope_tables(pos)
     new_caches = []
-    bidx = jnp.arange(b)[:, None]
-    for layer, cache in zip(model.layers, caches):
+    for layer, cache in zip(model.layers, c["caches"]):
       cos, sin = tables[layer.layer_type]
       window = cfg.sliding_window if layer.layer_type == SLIDING else None
       slot = pos % cache["pos"].shape[1]
@@ -136,24 +149,19 @@ def _generate(graphdef, state, embeds, mask, eos_ids, rng, limit, *, max_new, te
 
       def update(k, v, cache=cache, slot=slot):
         # One new position per row: a dynamic slice update along the slot axis.
-        put = lambda c, x: jax.vmap(lambda ci, xi, si: jax.lax.dynamic_update_slice_in_dim(
-            ci, xi.astype(ci.dtype), si, axis=1))(c, x, slot[:, 0])
+        put = lambda cc, xx: jax.vmap(lambda ci, xi, si: jax.lax.dynamic_update_slice_in_dim(
+            ci, xi.astype(ci.dtype), si, axis=1))(cc, xx, slot[:, 0])
         return put(cache["k"], k), put(cache["v"], v)
 
       x, (k_all, v_all) = layer(x, cos, sin, _cache_mask(new_pos, pos, window), update)
       new_caches.append({"k": k_all, "v": v_all, "pos": new_pos})
-    logits = model.logits(x)[:, 0]
-    return i + 1, nxt, done, out, new_caches, logits, rng
+    return {"i": i + 1, "done": c["done"] | jnp.isin(nxt, eos_ids), "out": c["out"].at[:, i].set(nxt),
+            "caches": new_caches, "logits": model.logits(x)[:, 0], "rng": rng, "lengths": lengths}
 
-  def cond(carry):
-    i, _, done, *_ = carry
-    return (i < limit) & ~jnp.all(done)
+  def cond(c):
+    return (c["i"] < limit) & ~jnp.all(c["done"])
 
-  out = jnp.zeros((b, max_new), jnp.int32)
-  done = jnp.zeros((b,), bool)
-  carry = (jnp.int32(0), jnp.zeros((b,), jnp.int32), done, out, caches, logits, rng)
-  i, _, done, out, *_ = jax.lax.while_loop(cond, body, carry)
-  return out, i
+  return jax.lax.while_loop(cond, body, carry)
 
 
 def _encode(tokenizer, prompt: str) -> tuple[list[int], int]:
@@ -194,7 +202,7 @@ def _soft_tokens(soft_prompts, bsz: int):
 def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None, *, max_new_tokens: int,
                  soft_prompts=None, soft_index: np.ndarray | None = None, eos_ids: Sequence[int] = (),
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, stop_fn=None, stop_chunk: int = 8) -> np.ndarray:
   """Token-level generation.
 
   Args:
@@ -202,6 +210,8 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
       (default: all T).
     soft_prompts: see `generate`; inserted before `soft_index` `[B]` (default 0).
     eos_ids: tokens that end a row.
+    stop_fn: optional `tokens [B, n] -> bool [B]`, called every `stop_chunk`
+      steps; rows it flags stop decoding (e.g. a stop string appeared).
 
   Returns:
     `[B, max_new_tokens]` int32; a row is 0 after its EOS.
@@ -223,10 +233,22 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
     embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
     mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
   graphdef, state = nnx.split(model)
-  out, _ = _generate(graphdef, state, embeds, mask, jnp.asarray(np.array(list(eos_ids) or [-1], np.int32)),
-                     jax.random.key(seed), jnp.int32(max_new_tokens), max_new=bucket(max_new_tokens), temperature=float(temperature),
-                     top_k=top_k, top_p=top_p)
-  return np.asarray(jax.device_get(out))[:, :max_new_tokens]
+  carry = _prefill(graphdef, state, embeds, mask, jax.random.key(seed), max_new=bucket(max_new_tokens))
+  eos = jnp.asarray(np.array(list(eos_ids) or [-1], np.int32))
+  decode = functools.partial(_decode, graphdef, state, eos_ids=eos, temperature=float(temperature), top_k=top_k,
+                             top_p=top_p)
+  if stop_fn is None:
+    carry = decode(carry, limit=jnp.int32(max_new_tokens))
+  else:
+    # Decode in chunks; between chunks the host marks rows whose text hit a stop string.
+    while True:
+      carry = decode(carry, limit=jnp.int32(min(int(carry["i"]) + stop_chunk, max_new_tokens)))
+      i = int(carry["i"])
+      done = np.asarray(carry["done"]) | np.asarray(stop_fn(np.asarray(carry["out"])[:, :i]), bool)
+      carry["done"] = jnp.asarray(done)
+      if done.all() or i >= max_new_tokens:
+        break
+  return np.asarray(jax.device_get(carry["out"]))[:, :max_new_tokens]
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
@@ -263,20 +285,27 @@ def generate_rows(model, tokenizer, rows: Sequence[tuple[Sequence[int], int]], *
   for r, (row, _) in enumerate(rows):
     ids[r, :len(row)] = row
   eos = _eos_ids(model, tokenizer)
-  out = generate_ids(model, ids, np.array([len(r) for r, _ in rows]), max_new_tokens=max_new_tokens,
-                     soft_prompts=soft_prompts, soft_index=np.array([si for _, si in rows]),
-                     eos_ids=eos.tolist(), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  texts = []
   eos_set = set(eos.tolist())
-  for row in out:
+  stops = [s for s in stop or () if s]
+
+  def text_of(row) -> str:
     toks = []
     for tok in row.tolist():
       if tok in eos_set:
         break
       toks.append(tok)
-    text = tokenizer.decode(toks, skip_special_tokens=True)
-    for s in stop or ():
-      if s and s in text:
+    return tokenizer.decode(toks, skip_special_tokens=True)
+
+  stop_fn = (lambda out: [any(s in text_of(r) for s in stops) for r in out]) if stops else None
+  out = generate_ids(model, ids, np.array([len(r) for r, _ in rows]), max_new_tokens=max_new_tokens,
+                     soft_prompts=soft_prompts, soft_index=np.array([si for _, si in rows]),
+                     eos_ids=eos.tolist(), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     stop_fn=stop_fn)
+  texts = []
+  for row in out:
+    text = text_of(row)
+    for s in stops:
+      if s in text:
         text = text[:text.index(s)]
     texts.append(text)
   return texts

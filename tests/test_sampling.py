@@ -127,3 +127,20 @@ def test_generate_text_marker_eos_and_stop(tmp_path):
     cut = sampling.generate(model, tokenizer, ["hello"], max_new_tokens=8, stop=[stop],
                             soft_prompts=sampling.SoftPrompts(pm, [1], 1.0))
     assert stop not in cut[0] and out[1].startswith(cut[0])
+
+
+def test_stop_callback_ends_decoding_early(pair):
+  _, _, model = pair
+  ids = np.random.RandomState(7).randint(3, VOCAB, (2, 6))
+  full = sampling.generate_ids(model, ids, max_new_tokens=24)
+  calls = []
+
+  def stop_fn(out):
+    calls.append(out.shape[1])
+    return [True, False]  # row 0 hits a stop string at the first check
+
+  out = sampling.generate_ids(model, ids, max_new_tokens=24, stop_fn=stop_fn, stop_chunk=8)
+  assert calls[0] == 8
+  np.testing.assert_array_equal(out[0, :8], full[0, :8])
+  assert (out[0, 8:] == 0).all()  # no decoding after the stop
+  np.testing.assert_array_equal(out[1], full[1])
