@@ -31,4 +31,6 @@ def setup(config=None):
   from persomux import sharding
 
   spec = FLAGS.mesh if FLAGS.mesh is not None else (config.get("mesh", "") if config is not None else "")
-  return sharding.parse_mesh(spec or None)
+  mesh = sharding.parse_mesh(spec or None)
+  # One device needs no mesh: plain placement skips sharding machinery.
+  return mesh if mesh.size > 1 else None

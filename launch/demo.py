@@ -34,7 +34,7 @@ config_flags.DEFINE_config_file("config", os.path.join(_HERE, "..", "configs", "
 flags.DEFINE_string("workdir", "runs/demo", "Where the base model, checkpoints and results go.")
 
 
-def base_model(cfg, workdir, records, split):
+def base_model(cfg, workdir, records, split, mesh=None):
   """Trains (once) and reloads the demo's frozen base model and tokenizer."""
   import numpy as np
   from flax import nnx
@@ -49,7 +49,7 @@ def base_model(cfg, workdir, records, split):
   path = os.path.join(workdir, "base_model")
   if os.path.isfile(os.path.join(path, "config.json")):
     print(f"base model: reusing {path}")
-    return persomux.load_model(path, dtype=cfg.dtype)
+    return persomux.load_model(path, dtype=cfg.dtype, mesh=mesh)
   bm = cfg.base_model
   seen = set(split.pretrain)
   texts = [f"{r.context}\n{r.text}" for r in records if r.cls in seen]
@@ -76,7 +76,7 @@ def base_model(cfg, workdir, records, split):
       learning_rate=bm.learning_rate, schedule="cosine", warmup_steps=50))
   print(f"base model: LM loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {bm.steps} steps")
   persomux.save_model(model, tokenizer, path)
-  return persomux.load_model(path, dtype=cfg.dtype)
+  return persomux.load_model(path, dtype=cfg.dtype, mesh=mesh)
 
 
 def samples(cfg, trunk, tokenizer, prompts_by_method, split, fine_examples_ctx):
@@ -110,7 +110,7 @@ def main(argv):
 
   cfg = FLAGS.config
   workdir = FLAGS.workdir
-  common.setup(cfg)
+  mesh = common.setup(cfg)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   cc = cfg.corpus
@@ -125,16 +125,16 @@ def main(argv):
   print(f"corpus: {len(records)} records, {len(split.pretrain)} pretraining personas, "
         f"{len(split.finetune)} unseen personas")
 
-  trunk, tokenizer = base_model(cfg, workdir, records, split)
+  trunk, tokenizer = base_model(cfg, workdir, records, split, mesh)
   cfg.model_dir = os.path.join(workdir, "base_model")
   stages.save_run(cfg, workdir)
   counts = {m: v for m, v in _param_counts(cfg).items()}
 
-  pre = stages.pretrain(cfg, workdir, trunk, tokenizer, records)
+  pre = stages.pretrain(cfg, workdir, trunk, tokenizer, records, mesh=mesh)
   print(f"stage 1: {pre['classes']} personas, test loss {pre['test_loss']:.4f}")
   results = {}
   for method in ("persona_mux", "random_codebook", "soft_prompt"):
-    results[method] = stages.finetune(cfg, workdir, trunk, tokenizer, records, method=method)
+    results[method] = stages.finetune(cfg, workdir, trunk, tokenizer, records, method=method, mesh=mesh)
     r = results[method]
     print(f"stage 2 [{method}]: test loss {r['initial_test_loss']:.4f} -> {r['test_loss']:.4f}")
 

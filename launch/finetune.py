@@ -26,13 +26,13 @@ def main(argv):
   from persomux import param_counts, stages
 
   cfg = FLAGS.config if FLAGS.config is not None else config_dict.ConfigDict(stages.load_run(FLAGS.workdir))
-  common.setup(cfg)
-  trunk, tokenizer = stages.load_trunk(cfg)
+  mesh = common.setup(cfg)
+  trunk, tokenizer = stages.load_trunk(cfg, mesh)
   p = cfg.prompt
   print("trainable parameters:", json.dumps(param_counts(
       cfg.model_dir, num_codes=p.num_codes, code_tokens=p.code_tokens, bias_tokens=p.bias_tokens,
       soft_prompt_tokens=p.soft_prompt_tokens)))
-  out = stages.finetune(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method)
+  out = stages.finetune(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method, mesh=mesh)
   print(json.dumps({"method": FLAGS.method, "initial_test_loss": out["initial_test_loss"],
                     "test_loss": out["test_loss"], "per_class": out["per_class"]}, indent=2))
 

@@ -55,8 +55,8 @@ def main(argv):
   from persomux import sampling, stages
 
   run = stages.load_run(FLAGS.workdir)
-  common.setup(run)
-  trunk, tokenizer = stages.load_trunk(run)
+  mesh = common.setup(run)
+  trunk, tokenizer = stages.load_trunk(run, mesh)
   module, cid = find_prompt(FLAGS.workdir, FLAGS.persona, FLAGS.method, trunk.config.d_model)
   split = stages.Split.make([], run, FLAGS.workdir)
   persona_text = split.personas.get(FLAGS.persona)

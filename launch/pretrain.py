@@ -30,14 +30,14 @@ def main(argv):
   cfg = FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-  common.setup(cfg)
-  trunk, tokenizer = stages.load_trunk(cfg)
+  mesh = common.setup(cfg)
+  trunk, tokenizer = stages.load_trunk(cfg, mesh)
   p = cfg.prompt
   counts = param_counts(cfg.model_dir, num_codes=p.num_codes, code_tokens=p.code_tokens,
                         bias_tokens=p.bias_tokens, soft_prompt_tokens=p.soft_prompt_tokens)
   print("trainable parameters:", json.dumps(counts))
   stages.save_run(cfg, FLAGS.workdir)
-  out = stages.pretrain(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method)
+  out = stages.pretrain(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method, mesh=mesh)
   print(json.dumps({k: out[k] for k in ("test_loss", "classes", "train_examples", "test_examples",
                                          "final_loss", "steps", "truncated")}, indent=2))
 

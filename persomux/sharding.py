@@ -96,8 +96,13 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-  """Places a host batch (rows divisible by data*fsdp) sharded over the data axes."""
-  return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+  """Places this process's rows of a batch into global arrays sharded over the data axes.
+
+  On one host the local rows are the whole batch; on several hosts each
+  process passes its own slice (see `data.ShuffledBatches(shard=...)`).
+  """
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}
 
 
 def shard_placer(mesh):

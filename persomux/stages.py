@@ -147,7 +147,7 @@ def load_prompt(workdir: str, name: str, d_model: int):
 
 
 def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: str = "persona_mux",
-             progress: bool = True, on_step=None) -> dict[str, Any]:
+             progress: bool = True, on_step=None, mesh=None) -> dict[str, Any]:
   """Stage 1 on the pretraining classes; writes `prompt/pretrain` (or `prompt/pretrain_<method>`).
 
   PersonaMux: a bias-only warmup (`pretrain.warmup_epochs`, m_i = 0, W
@@ -178,7 +178,7 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   stage = "pretrain" if method == "persona_mux" else f"pretrain_{method}"
   result = train.run_phases(trunk, prompt, phases, workdir=workdir, checkpoint_every=tc["checkpoint_every"],
                             eval_fn=eval_fn, eval_every=tc["eval_every"], stage=stage, progress=progress,
-                            on_step=on_step)
+                            on_step=on_step, mesh=mesh)
   final = train.evaluate(trunk, prompt, test_batches) if test_batches else {"loss": float("nan")}
   save_prompt(workdir, stage, prompt, {"method": method, "classes": split.pretrain, "prompt": pc,
                                       "test_loss": final["loss"]})
@@ -192,7 +192,7 @@ def _summary(ev: dict, names: list[str]) -> dict:
 
 
 def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: str = "persona_mux",
-             progress: bool = True, on_step=None, codebook_from: str = "pretrain") -> dict[str, Any]:
+             progress: bool = True, on_step=None, codebook_from: str = "pretrain", mesh=None) -> dict[str, Any]:
   """Stage 2 on the held-out classes: only their per-class parameters train.
 
   persona_mux: W and b from stage 1, new m_i. random_codebook: b from stage 1,
@@ -233,7 +233,7 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   stage = f"finetune_{method}"
   result = train.run_phases(trunk, prompt, [phase], workdir=workdir, checkpoint_every=fc["checkpoint_every"],
                             eval_fn=eval_fn, eval_every=fc["eval_every"], stage=stage, progress=progress,
-                            on_step=on_step)
+                            on_step=on_step, mesh=mesh)
   final = train.evaluate(trunk, prompt, test_batches) if test_batches else initial
   save_prompt(workdir, stage, prompt, {"method": method, "classes": split.finetune, "prompt": pc,
                                       "test_loss": final["loss"]})

@@ -190,7 +190,7 @@ def _host0() -> bool:
 def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = None,
                checkpoint_every: int = 100, eval_fn: Callable[[], dict] | None = None,
                eval_every: int = 0, stage: str = "train", on_step: Callable[[int], None] | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, mesh=None) -> dict[str, Any]:
   """Runs `phases` in order, resuming from the latest checkpoint in `workdir`.
 
   Checkpoints (orbax, atomic) go to `workdir/checkpoints/<stage>` every
@@ -200,8 +200,15 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
   uninterrupted one. A non-finite loss raises `TrainingDiverged` before
   anything is saved. Metrics go to `workdir/metrics.jsonl`.
 
+  With a `mesh`, the prompt state is sharded by `sharding.prompt_spec` and
+  every batch over the data axes (the trunk is sharded when it is loaded).
+
   Returns `{"final_loss": float, "steps": int}`.
   """
+  if mesh is not None:
+    from persomux import sharding
+
+    sharding.shard_module(prompt, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage)) if workdir else None
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
   offsets = np.cumsum([0] + [p.steps for p in phases])
@@ -239,6 +246,9 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
     t0, tokens = time.perf_counter(), 0
     for step in bar:
       batch = phase.data.batch(step // spe, step % spe)
+      tokens += int(np.asarray(batch["attention_mask"]).sum())
+      if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
       loss, gnorm = train_step(trunk, prompt, opt, batch)
       loss = float(loss)
       if not math.isfinite(loss):
@@ -247,7 +257,6 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
             f"The last good checkpoint in {ckpt.directory if ckpt else '(none)'} is intact; "
             "lower the learning rate or check the data.")
       last_loss = loss
-      tokens += int(np.asarray(batch["attention_mask"]).sum())
       gstep = int(offsets[pi]) + step + 1
       rate = tokens / max(time.perf_counter() - t0, 1e-9)
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")

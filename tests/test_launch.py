@@ -33,8 +33,9 @@ def setup(tmp_path_factory):
 
 
 def run(script, *args, check=True, env_extra=None):
-  env = dict(os.environ, **(env_extra or {}))
-  env.pop("XLA_FLAGS", None)  # one device is enough here
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one device unless a test asks for more
+  env.update(env_extra or {})
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
                         text=True, env=env, cwd=ROOT, timeout=600)
   if check and proc.returncode != 0:
@@ -66,6 +67,15 @@ def test_pretrain_finetune_generate(setup):
   assert all(r["persona"] == persona and isinstance(r["generation"], str) for r in rows)
   bad = run("generate.py", f"--workdir={workdir}", "--persona=nobody", f"--prompts={prompts}", check=False)
   assert bad.returncode != 0 and "nobody" in bad.stderr
+
+
+def test_pretrain_on_a_simulated_mesh(setup):
+  tmp, model_dir, data, _ = setup
+  workdir = tmp / "sharded"
+  run("pretrain.py", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", f"--config.model_dir={model_dir}",
+      f"--config.data.path={data}", "--config.data.finetune_fraction=0.25", "--config.pretrain.epochs=0",
+      "--mesh=data:2,fsdp:2,tensor:2", env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert (workdir / "prompt" / "pretrain").is_dir()
 
 
 def test_help_is_clear():
