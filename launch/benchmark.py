@@ -22,7 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "train", ["train", "generate"], "Which benchmark to run.")
+flags.DEFINE_enum("suite", "train", ["train", "generate", "scale"], "Which benchmark to run.")
+flags.DEFINE_list("scale_models", ["llama3_8b", "gemma2_27b"], "scale suite: trunk configs to compile.")
+flags.DEFINE_list("scale_meshes", ["fsdp:8", "data:2,fsdp:4", "fsdp:32", "data:4,fsdp:4,tensor:2"],
+                  "scale suite: simulated meshes (8 and 32 devices).")
+flags.DEFINE_integer("scale_seq", 1024, "scale suite: tokens per training row.")
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after warmup).")
 flags.DEFINE_integer("warmup", 2, "Untimed warmup steps per side.")
 flags.DEFINE_integer("batch", 8, "Rows per batch.")
@@ -189,8 +193,82 @@ def generate_suite():
   print(f"generate ratio persomux/transformers = {px_tps / hf_tps:.2f}")
 
 
+def scale_suite():
+  """Compiles the stage-1 train step and the decode step of full-size trunks
+  from abstract shapes only (no weights are allocated) on simulated meshes,
+  and prints per-device memory from the compiled executables."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from persomux import prompts, sampling, sharding, train
+  from persomux.models.config import TrunkConfig
+  from persomux.models.modeling import Trunk
+
+  def with_shardings(module, mesh, spec_fn):
+    for path, var in nnx.to_flat_state(nnx.state(module)):
+      v = var.get_value()
+      var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+          mesh, spec_fn(path, tuple(v.shape), mesh))))
+
+  gib = 2 ** 30
+  print(f"{'model':<12}{'mesh':<26}{'step':<8}{'args GiB':>9}{'temp GiB':>9}{'total GiB':>10}"
+        f"{'GFLOP/token':>12}  fits 80GB / 16GB")
+  for name in FLAGS.scale_models:
+    cfg = getattr(TrunkConfig, name)()
+    for spec in FLAGS.scale_meshes:
+      n = int(np.prod([int(p.split(":")[1]) for p in spec.split(",")]))
+      mesh = sharding.parse_mesh(spec, devices=jax.devices()[:n])
+      rows = mesh.shape["data"] * mesh.shape["fsdp"]
+      trunk = nnx.eval_shape(lambda: Trunk(cfg, dtype=jnp.bfloat16, rngs=None, remat=True))
+      with_shardings(trunk, mesh, sharding.trunk_spec)
+      pm, opt = nnx.eval_shape(lambda: (lambda p: (p, nnx.Optimizer(
+          p, train.make_tx(train.OptimConfig(), 100), wrt=prompts.PromptParam)))(
+              prompts.PersonaMux(1024, cfg.d_model, rngs=nnx.Rngs(0))))
+      with_shardings(pm, mesh, sharding.prompt_spec)
+      with_shardings(opt, mesh, lambda p, s, m: P())
+      t = FLAGS.scale_seq
+      bs = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+      batch = {"input_ids": bs((rows, t), jnp.int32), "attention_mask": bs((rows, t), jnp.int32),
+               "loss_mask": bs((rows, t), jnp.float32), "soft_index": bs((rows,), jnp.int32),
+               "class_ids": bs((rows,), jnp.int32)}
+      compiled = train.train_step.lower(trunk, pm, opt, batch).compile()
+      _report(name, spec, "train", compiled, rows * t, gib)
+      graphdef, state = nnx.split(trunk)
+      embeds = bs((rows, 512, cfg.d_model), jnp.bfloat16)
+      mask = bs((rows, 512), jnp.int32)
+      carry = jax.eval_shape(functools.partial(sampling._prefill, graphdef, max_new=512), state, embeds, mask,
+                             jax.random.key(0))
+      carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+          mesh, P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
+      compiled = sampling._decode.lower(graphdef, state, carry, jnp.zeros((1,), jnp.int32), jnp.int32(512),
+                                        temperature=0.0, top_k=None, top_p=None).compile()
+      _report(name, spec, "decode", compiled, rows, gib)
+
+
+def _report(name, spec, step, compiled, tokens, gib):
+  mem = compiled.memory_analysis()
+  args, temp = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  total = args + temp
+  print(f"{name:<12}{spec:<26}{step:<8}{args:>9.2f}{temp:>9.2f}{total:>10.2f}{flops / tokens / 1e9:>12.1f}  "
+        f"{'yes' if total < 80 else 'no':>3} / {'yes' if total < 16 else 'no'}", flush=True)
+
+
 def main(argv):
   del argv
+  if FLAGS.suite == "scale":
+    # Simulated devices must be requested before jax starts.
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32"
+    scale_suite()
+    return
   if FLAGS.suite == "train":
     train_suite()
   elif FLAGS.suite == "generate":

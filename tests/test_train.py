@@ -158,3 +158,15 @@ def test_evaluate_per_class_is_token_mean_of_that_class(trunk):
   for c in sums:
     assert ev["per_class"][c] == pytest.approx(sums[c] / counts[c], rel=1e-5)
   assert ev["loss"] == pytest.approx(sum(sums.values()) / sum(counts.values()), rel=1e-5)
+
+
+def test_remat_gives_the_same_loss_and_gradients(trunk):
+  remat = Trunk(trunk.config, rngs=nnx.Rngs(0), remat=True)
+  nnx.update(remat, nnx.state(trunk))
+  pm = new_prompt()
+  batch = {k: jnp.asarray(v) for k, v in RandomBatches().batch(0, 0).items()}
+  grad = lambda t: nnx.value_and_grad(lambda p: train.mean_loss(t, p, batch))(pm)
+  (l1, g1), (l2, g2) = grad(trunk), grad(remat)
+  assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(nnx.to_pure_dict(g2))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -125,6 +125,15 @@ class TrunkConfig:
                      ffn_dim=14336, rope_theta=500000.0, max_position_embeddings=8192,
                      bos_token_id=128000, eos_token_id=128001)
 
+  @classmethod
+  def gemma2_27b(cls) -> "TrunkConfig":
+    return cls(family="gemma2", vocab_size=256000, d_model=4608, num_layers=46, num_heads=32, num_kv_heads=16,
+               head_dim=128, ffn_dim=36864, activation="gelu_pytorch_tanh", norm_eps=1e-6,
+               rope=((FULL, RopeConfig(theta=10000.0)), (SLIDING, RopeConfig(theta=10000.0))),
+               layer_types=tuple(SLIDING if (i + 1) % 2 else FULL for i in range(46)), sliding_window=4096,
+               tie_embeddings=True, query_pre_attn_scalar=144, attn_softcap=50.0, final_softcap=30.0,
+               bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
   # --- Hugging Face config.json ---------------------------------------------
 
   @classmethod

@@ -299,14 +299,17 @@ class Trunk(nnx.Module):
     masks = self.masks(positions, positions, attention_mask)
     h = inputs_embeds.astype(self.dtype)
 
-    def run(layer, h, cos, sin, mask):
-      return layer(h, cos, sin, mask)[0]
-
-    if self.remat:
-      run = nnx.remat(run)
     for layer in self.layers:
       cos, sin = tables[layer.layer_type]
-      h = run(layer, h, cos, sin, masks[layer.layer_type])
+      mask = masks[layer.layer_type]
+      if self.remat:
+        # A pure function of the layer's state, so rematerialization never
+        # writes back into modules owned by an outer trace (e.g. a grad).
+        graphdef, state = nnx.split(layer)
+        h = jax.checkpoint(lambda st, x, c, s_, m: nnx.merge(graphdef, st)(x, c, s_, m)[0])(
+            state, h, cos, sin, mask)
+      else:
+        h = layer(h, cos, sin, mask)[0]
     return h
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None):
