@@ -33,6 +33,13 @@ flags.DEFINE_integer("batch", 8, "Rows per batch.")
 flags.DEFINE_integer("seq", 128, "Tokens per row.")
 flags.DEFINE_integer("layers", 8, "Decoder layers of the benchmark model.")
 flags.DEFINE_integer("seed", 0, "Seed for weights and tokens.")
+flags.DEFINE_string("mesh", None, "train/generate suites: shard persomux over this mesh, e.g. data:2,tensor:2.")
+
+
+def _mesh():
+  from persomux import sharding
+
+  return sharding.parse_mesh(FLAGS.mesh) if FLAGS.mesh else None
 
 
 def benchmark_config(layers: int):
@@ -89,6 +96,13 @@ def train_suite():
            "loss_mask": jnp.ones((b, t), jnp.float32), "soft_index": jnp.ones((b,), jnp.int32),
            "class_ids": jnp.asarray(rs.randint(0, num_classes, (b,)).astype(np.int32))}
 
+  if FLAGS.mesh:
+    from persomux import sharding
+
+    sharding.shard_module(pm, _mesh())
+    opt = nnx.Optimizer(pm, train.make_tx(train.OptimConfig(), 100), wrt=prompts.PromptParam)
+    batch = sharding.shard_batch(batch, _mesh())
+
   def px_step():
     loss, _ = train.train_step(trunk, pm, opt, batch)
     loss.block_until_ready()
@@ -140,7 +154,7 @@ def _benchmark_models():
   hf = LlamaForCausalLM(hf_cfg).float().eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    trunk, _ = params.load_model(d, tokenizer=False)
+    trunk, _ = params.load_model(d, tokenizer=False, mesh=_mesh())
   return cfg, hf, trunk
 
 
@@ -238,7 +252,7 @@ def scale_suite():
                "loss_mask": bs((rows, t), jnp.float32), "soft_index": bs((rows,), jnp.int32),
                "class_ids": bs((rows,), jnp.int32)}
       compiled = train.train_step.lower(trunk, pm, opt, batch).compile()
-      _report(name, spec, "train", compiled, rows * t, gib)
+      _report(name, spec, "train", compiled, rows * t / n, gib)
       graphdef, state = nnx.split(trunk)
       embeds = bs((rows, 512, cfg.d_model), jnp.bfloat16)
       mask = bs((rows, 512), jnp.int32)
@@ -248,10 +262,11 @@ def scale_suite():
           mesh, P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
       compiled = sampling._decode.lower(graphdef, state, carry, jnp.zeros((1,), jnp.int32), jnp.int32(512),
                                         temperature=0.0, top_k=None, top_p=None).compile()
-      _report(name, spec, "decode", compiled, rows, gib)
+      _report(name, spec, "decode", compiled, rows / n, gib)
 
 
 def _report(name, spec, step, compiled, tokens, gib):
+  """`tokens`: tokens per device (cost analysis counts one device's FLOPs)."""
   mem = compiled.memory_analysis()
   args, temp = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib
   cost = compiled.cost_analysis()

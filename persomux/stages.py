@@ -166,6 +166,9 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   src = data_lib.ShuffledBatches(tr, tc["batch_size"], seed=config["seed"], buckets=buckets, pad_id=pad,
                                  shard=jax.process_index(), num_shards=jax.process_count())
+  if tc["batch_size"] % _batch_unit(mesh):
+    raise ValueError(f"pretrain.batch_size={tc['batch_size']} must be a multiple of {_batch_unit(mesh)} "
+                     "(processes x data x fsdp mesh axes)")
   spe = src.steps_per_epoch()
   optim = train.OptimConfig.from_config(tc)
   phases = []
@@ -184,6 +187,12 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
                                       "test_loss": final["loss"]})
   return {"prompt": prompt, "test_loss": final["loss"], "train_examples": len(tr), "test_examples": len(te),
           "classes": len(split.pretrain), "truncated": dict(counts), **result}
+
+
+def _batch_unit(mesh) -> int:
+  """Rows a global batch must be a multiple of."""
+  data_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  return int(np.lcm(data_shards, jax.process_count()))
 
 
 def _summary(ev: dict, names: list[str]) -> dict:
@@ -222,8 +231,12 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
       prompt.codebook[...] = scale * jax.random.normal(jax.random.key(config["seed"] + 2), prompt.codebook.shape)
   buckets = data_lib.default_buckets(config["data"]["max_len"])
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  src = data_lib.ShuffledBatches(tr, fc["batch_size"] or len(tr), seed=config["seed"], buckets=buckets,
-                                 pad_id=pad)
+  bsz = fc["batch_size"] or len(tr)
+  # Full batch: round up (empty rows) so every process and data shard gets equal rows.
+  unit = _batch_unit(mesh)
+  bsz = -(-bsz // unit) * unit
+  src = data_lib.ShuffledBatches(tr, bsz, seed=config["seed"], buckets=buckets, pad_id=pad,
+                                 shard=jax.process_index(), num_shards=jax.process_count())
   test_batches = _eval_batches(te, config) if te else []
   initial = train.evaluate(trunk, prompt, test_batches) if test_batches else {"loss": float("nan"),
                                                                               "per_class": {}}
