@@ -13,7 +13,10 @@ from absl import flags, logging
 
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the environment "
-                  "names a coordinator (JAX_COORDINATOR_ADDRESS / cluster auto-detection).")
+                  "names a coordinator (JAX_COORDINATOR_ADDRESS). On TPU slices, Slurm and Open MPI the "
+                  "process layout is detected; elsewhere pass --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (default: $JAX_NUM_PROCESSES or detected).")
+flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID or detected).")
 
 
 def setup(config=None):
@@ -25,7 +28,13 @@ def setup(config=None):
   if wants is None:
     wants = bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"))
   if wants:
-    jax.distributed.initialize()
+    env_int = lambda k: int(os.environ[k]) if os.environ.get(k) else None
+    num = FLAGS.num_processes if FLAGS.num_processes is not None else env_int("JAX_NUM_PROCESSES")
+    pid = FLAGS.process_id if FLAGS.process_id is not None else env_int("JAX_PROCESS_ID")
+    # CPU devices of different processes need a collectives library (GPU/TPU
+    # backends ignore this setting).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(num_processes=num, process_id=pid)
   # Orbax logs every save at INFO; progress bars and printed summaries say enough.
   logging.set_verbosity(logging.WARNING)
   from persomux import sharding

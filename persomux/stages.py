@@ -35,6 +35,8 @@ def _cfg_dict(config) -> dict:
 
 def save_run(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    return
   with open(os.path.join(workdir, "run.json"), "w") as f:
     json.dump(_cfg_dict(config), f, indent=2)
 
@@ -78,10 +80,11 @@ class Split:
       if r.persona and r.cls not in personas:
         personas[r.cls] = r.persona
     split = cls(pre, fine, personas)
-    if path:
+    if path and jax.process_index() == 0:  # every process computes the same split
       os.makedirs(workdir, exist_ok=True)
-      with open(path, "w") as f:
+      with open(path + ".tmp", "w") as f:
         json.dump({"pretrain": pre, "finetune": fine, "personas": personas}, f, indent=1)
+      os.replace(path + ".tmp", path)
     return split
 
 

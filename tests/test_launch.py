@@ -82,3 +82,38 @@ def test_help_is_clear():
   for script in ("pretrain.py", "finetune.py", "generate.py", "demo.py", "benchmark.py"):
     out = run(script, "--helpshort", check=False)
     assert ("--workdir" in out.stdout or "--suite" in out.stdout), script
+
+
+def test_two_processes_train_like_one(setup):
+  """Multi-host on one machine: 2 processes x 2 CPU devices equal 1 process x 4."""
+  import socket
+
+  import numpy as np
+
+  from persomux import stages
+
+  tmp, model_dir, data, _ = setup
+  common = [f"--config={ROOT}/configs/tiny.py", f"--config.model_dir={model_dir}", f"--config.data.path={data}",
+            "--config.data.finetune_fraction=0.25", "--config.pretrain.epochs=1", "--mesh=data:4"]
+  run("pretrain.py", *common, f"--workdir={tmp / 'one'}",
+      env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), *common,
+                             f"--workdir={tmp / 'two'}", "--distributed"],
+                            env=dict(env, JAX_PROCESS_ID=str(i)), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one, _ = stages.load_prompt(str(tmp / "one"), "pretrain", 32)
+  two, _ = stages.load_prompt(str(tmp / "two"), "pretrain", 32)
+  for name in ("codebook", "bias", "mixtures"):
+    np.testing.assert_allclose(np.asarray(getattr(two, name)[...]), np.asarray(getattr(one, name)[...]),
+                               atol=1e-5, err_msg=name)
+  metrics = [l for l in open(tmp / "two" / "metrics.jsonl")]
+  steps = [json.loads(l)["step"] for l in metrics if '"train"' in l]
+  assert steps == sorted(set(steps))  # written by process 0 only
