@@ -1,0 +1,1 @@
+"""Readers for the paper's corpora in their original formats."""
