@@ -77,7 +77,6 @@ def train_suite():
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   import torch
   from flax import nnx
   from peft import PromptTuningConfig, TaskType, get_peft_model

@@ -101,11 +101,8 @@ def samples(cfg, trunk, tokenizer, prompts_by_method, split, fine_examples_ctx):
 
 def main(argv):
   del argv
-  import jax
-  import numpy as np
 
   from persomux import data as data_lib
-  from persomux import prompts as prompts_lib
   from persomux import stages, synthetic, train
 
   cfg = FLAGS.config

@@ -51,7 +51,6 @@ def find_prompt(workdir, persona, method, d_model):
 
 def main(argv):
   del argv
-  from persomux import data as data_lib
   from persomux import sampling, stages
 
   run = stages.load_run(FLAGS.workdir)

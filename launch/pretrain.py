@@ -10,7 +10,6 @@ writes the split to WORKDIR/split.json for stage 2. Restarting with the same
 """
 
 import json
-import os
 
 import common  # noqa: F401  (sys.path, shared flags)
 from absl import app, flags

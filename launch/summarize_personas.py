@@ -47,7 +47,6 @@ def main(argv):
 
   import persomux
   from persomux import data as data_lib
-  from persomux import sampling
 
   mesh = common.setup()
   records, _ = data_lib.load_records(FLAGS.records)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from persomux import prompts as prompts_lib
-from persomux.models.config import FULL, SLIDING
+from persomux.models.config import SLIDING
 
 SOFT_MARKER = "<|soft|>"  # where a prompt string wants its soft tokens
 

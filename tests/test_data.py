@@ -1,7 +1,6 @@
 """Records, splits, templating, tokenization and batching."""
 
 import collections
-import json
 
 import numpy as np
 import pytest

@@ -60,7 +60,7 @@ def test_pretrain_finetune_generate(setup):
   persona = split["finetune"][0]
   prompts = tmp / "prompts.txt"
   prompts.write_text("Tell me about the harbor.\nWhat do you think of the market?\n")
-  gen = run("generate.py", f"--workdir={workdir}", f"--persona={persona}", f"--prompts={prompts}",
+  run("generate.py", f"--workdir={workdir}", f"--persona={persona}", f"--prompts={prompts}",
             "--bias_scale=0.5", "--max_new_tokens=8", f"--output={tmp / 'out.jsonl'}")
   rows = [json.loads(l) for l in open(tmp / "out.jsonl")]
   assert [r["prompt"] for r in rows] == ["Tell me about the harbor.", "What do you think of the market?"]

@@ -105,11 +105,11 @@ def test_sampling_is_reproducible_and_seeded(pair):
 def test_generate_text_marker_eos_and_stop(tmp_path):
   texts = ["the cat sat on the mat", "a dog ran in the park", "hello there friend"] * 5
   tok = train_bpe_tokenizer(texts, vocab_size=VOCAB)
-  hf = _save(LlamaForCausalLM(LlamaConfig(**COMMON)), tmp_path)
+  _save(LlamaForCausalLM(LlamaConfig(**COMMON)), tmp_path)
   tok.save_pretrained(tmp_path)
   model, tokenizer = persomux.load_model(str(tmp_path))
   pm = prompts.PersonaMux(2, 64, num_codes=4, code_tokens=2, bias_tokens=3, init_std=0.5, rngs=nnx.Rngs(0))
-  out = persomux_generate = sampling.generate(
+  out = sampling.generate(
       model, tokenizer, ["the cat" + sampling.SOFT_MARKER + " sat", "hello"], max_new_tokens=8,
       soft_prompts=sampling.SoftPrompts(pm, [0, 1], 1.0))
   assert len(out) == 2 and all(isinstance(t, str) for t in out)
@@ -121,7 +121,7 @@ def test_generate_text_marker_eos_and_stop(tmp_path):
   expected = ref[0].tolist()
   if tokenizer.eos_token_id in expected:
     expected = expected[:expected.index(tokenizer.eos_token_id)]
-  assert persomux_generate[0] == tokenizer.decode(expected, skip_special_tokens=True)
+  assert out[0] == tokenizer.decode(expected, skip_special_tokens=True)
   if out[1]:
     stop = out[1][len(out[1]) // 2:][:2] or out[1][:1]
     cut = sampling.generate(model, tokenizer, ["hello"], max_new_tokens=8, stop=[stop],

@@ -1,7 +1,6 @@
 """Sharded training, generation and checkpoints on 8 simulated CPU devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
