@@ -37,3 +37,28 @@ def test_summarize_personas_fills_and_caches(setup, tmp_path):  # noqa: F811
   assert cache == personas
   run("summarize_personas.py", *args)  # a rerun reuses the cache
   assert [json.loads(l) for l in open(out)] == rows
+
+
+def test_prepare_cornell_and_tweets(tmp_path):
+  from tests.test_corpora_text import _cornell
+
+  corpus = tmp_path / "cornell"
+  corpus.mkdir()
+  _cornell(corpus)
+  out = tmp_path / "cornell_out"
+  run("prepare_data.py", "--dataset=cornell", f"--input={corpus}", f"--output={out}", "--min_conversations=1")
+  stats = json.load(open(out / "stats.json"))
+  records = [json.loads(l) for l in open(out / "records.jsonl")]
+  assert stats["records"] == len(records) > 0 and stats["skipped"]["malformed line"] >= 1
+  assert all(r["group"] for r in records)
+
+  csv_path = tmp_path / "tweets.csv"
+  csv_path.write_text("author,content\nsailor_sam,RT @bob: The harbor at sunset is calm http://x.co/1\n"
+                      "sailor_sam,Boats boats boats and more boats today\nbaker_bea,Fresh bread rolls every morning\n")
+  out = tmp_path / "tweets_out"
+  run("prepare_data.py", "--dataset=tweets", f"--input={csv_path}", f"--output={out}", "--author_column=author",
+      "--text_column=content")
+  records = [json.loads(l) for l in open(out / "records.jsonl")]
+  assert records[0]["text"] == "The harbor at sunset is calm"
+  assert records[0]["context"].startswith("Write a tweet about: ")
+  assert json.load(open(out / "stats.json"))["classes"] == 2
