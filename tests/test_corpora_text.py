@@ -174,3 +174,11 @@ def test_tweets_bad_inputs(tmp_path):
     tweets.read_tweets(str(header_only))
   with pytest.raises(DataError, match="no such file"):
     tweets.read_tweets(str(tmp_path / "absent.csv"))
+
+
+def test_tweets_with_undecodable_bytes_are_counted(tmp_path):
+  p = tmp_path / "latin1.csv"
+  p.write_bytes(b"name,text\nbob,caf\xe9 is great today friends\nbob,another tweet about boats here\n")
+  records, skipped = tweets.read_tweets(str(p))
+  assert [r.text for r in records] == ["another tweet about boats here"]
+  assert skipped["undecodable bytes"] == 1

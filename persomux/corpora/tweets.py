@@ -77,6 +77,9 @@ def keyword_topic(text: str, k: int = 3) -> str:
   return ", ".join(sorted(counts, key=lambda w: -counts[w])[:k])
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
 def read_tweets(csv_path: str, *, author_column: str = "name", text_column: str = "text",
                 max_per_class: int = 100, seed: int = 0,
                 min_words: int = 3) -> tuple[list[Record], collections.Counter]:
@@ -94,13 +97,17 @@ def read_tweets(csv_path: str, *, author_column: str = "name", text_column: str 
   csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # some exports hold very long cells
   skipped: collections.Counter = collections.Counter()
   kept: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)  # author -> (row, tweet)
-  with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
+  # surrogateescape keeps undecodable bytes visible, so such rows are counted, not mangled.
+  with open(csv_path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
     reader = csv.DictReader(f)
     columns = reader.fieldnames or []
     for col in (author_column, text_column):
       if col not in columns:
         raise DataError(f"{csv_path}: missing column {col!r}; columns are {columns}")
     for n, row in enumerate(reader):
+      if any(_UNDECODABLE.search(v or "") for v in (row.get(author_column), row.get(text_column))):
+        skipped["undecodable bytes"] += 1
+        continue
       author = (row.get(author_column) or "").strip()
       if not author:
         skipped["missing author"] += 1
