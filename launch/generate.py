@@ -9,7 +9,6 @@ training. Prints one continuation per line, or writes JSONL with --output.
 """
 
 import json
-import os
 import sys
 
 import common  # noqa: F401
@@ -31,24 +30,6 @@ flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")
 flags.DEFINE_string("output", None, "Write JSONL here instead of printing.")
 
 
-def find_prompt(workdir, persona, method, d_model):
-  """The prompt module and class id that hold `persona` (stage 2 first, then stage 1)."""
-  from persomux import stages
-
-  names = [f"finetune_{method}", "pretrain" if method == "persona_mux" else f"pretrain_{method}"]
-  seen = []
-  for name in names:
-    if not os.path.isdir(os.path.join(workdir, "prompt", name)):
-      continue
-    module, meta = stages.load_prompt(workdir, name, d_model)
-    if persona in meta["classes"]:
-      return module, meta["classes"].index(persona)
-    seen.extend(meta["classes"])
-  if not seen:
-    raise app.UsageError(f"{workdir}: no trained {method} prompt; run pretrain/finetune first")
-  raise app.UsageError(f"--persona={persona!r} is not in {workdir}; known personas include {seen[:8]}")
-
-
 def main(argv):
   del argv
   from persomux import sampling, stages
@@ -56,7 +37,10 @@ def main(argv):
   run = stages.load_run(FLAGS.workdir)
   mesh = common.setup(run)
   trunk, tokenizer = stages.load_trunk(run, mesh)
-  module, cid = find_prompt(FLAGS.workdir, FLAGS.persona, FLAGS.method, trunk.config.d_model)
+  try:
+    module, cid, _ = stages.find_persona(FLAGS.workdir, FLAGS.persona, FLAGS.method, trunk.config.d_model)
+  except (KeyError, FileNotFoundError) as e:
+    raise app.UsageError(str(e).strip('"')) from e
   split = stages.Split.make([], run, FLAGS.workdir)
   persona_text = split.personas.get(FLAGS.persona)
   fmt = stages.formatter_for(tokenizer, run)

@@ -146,6 +146,23 @@ def load_prompt(workdir: str, name: str, d_model: int):
   return module, meta
 
 
+def find_persona(workdir: str, persona: str, method: str, d_model: int):
+  """`(module, class_id, stage_name)` of the trained prompt holding `persona`
+  (stage 2 first, then stage 1). Raises KeyError listing known personas."""
+  names = [f"finetune_{method}", "pretrain" if method == "persona_mux" else f"pretrain_{method}"]
+  seen = []
+  for name in names:
+    if not os.path.isdir(os.path.join(workdir, "prompt", name)):
+      continue
+    module, meta = load_prompt(workdir, name, d_model)
+    if persona in meta["classes"]:
+      return module, meta["classes"].index(persona), name
+    seen.extend(meta["classes"])
+  if not seen:
+    raise FileNotFoundError(f"{workdir}: no trained {method} prompt; run pretrain/finetune first")
+  raise KeyError(f"persona {persona!r} is not in {workdir}; known personas include {seen[:8]}")
+
+
 # --- stages -------------------------------------------------------------------------------
 
 
