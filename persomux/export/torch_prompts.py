@@ -55,7 +55,7 @@ class PersonaMuxPrompts(torch.nn.Module):
     out = embeds.new_zeros(b, width, d)
     out_mask = mask.new_zeros(b, width)
     for r in range(b):
-      n, si, real = softs[r].shape[0], int(soft_index[r]), int(mask[r].sum())
+      si, real = int(soft_index[r]), int(mask[r].sum())
       row = torch.cat([embeds[r, :si], softs[r], embeds[r, si:real]], dim=0)
       out[r, :row.shape[0]] = row
       out_mask[r, :row.shape[0]] = 1
