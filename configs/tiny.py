@@ -17,4 +17,16 @@ def get_config():
   c.finetune.steps = 6
   c.finetune.checkpoint_every = 2
   c.finetune.eval_every = 3
+  c.lora.rank = 2
+  c.lora.batch_size = 4
+  c.lora.steps = 6
+  c.lora.learning_rate = 1e-2
+  c.lora.checkpoint_every = 2
+  c.lora.eval_every = 3
+  c.eval.generation_classes = 2
+  c.eval.prompts_per_class = 2
+  c.eval.max_new_tokens = 6
+  c.eval.batch_size = 4
+  c.eval.discrimination_trials = 4
+  c.eval.judge_max_len = 128
   return c

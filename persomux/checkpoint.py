@@ -15,16 +15,30 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 
-def module_arrays(module: nnx.Module) -> dict:
-  """The module's state as a pure nested dict of arrays."""
-  return nnx.to_pure_dict(nnx.state(module))
+class Part:
+  """The variables of `module` that match `filter` (e.g. a trunk's LoRA adapters), saved on their own."""
+
+  def __init__(self, module: nnx.Module, filter):
+    self.module, self.filter = module, filter
+
+  def state(self):
+    return nnx.state(self.module, self.filter)
 
 
-def restore_into(module: nnx.Module, arrays: dict) -> None:
+def _state(module):
+  return module.state() if isinstance(module, Part) else nnx.state(module)
+
+
+def module_arrays(module: nnx.Module | Part) -> dict:
+  """The module's state (or a `Part`'s) as a pure nested dict of arrays."""
+  return nnx.to_pure_dict(_state(module))
+
+
+def restore_into(module: nnx.Module | Part, arrays: dict) -> None:
   """Writes `arrays` (as returned by `module_arrays`) back into `module` in place."""
-  state = nnx.state(module)
+  state = _state(module)
   nnx.replace_by_pure_dict(state, arrays)
-  nnx.update(module, state)
+  nnx.update(module.module if isinstance(module, Part) else module, state)
 
 
 class Checkpointer:

@@ -22,7 +22,8 @@ from flax import nnx
 from persomux import data as data_lib
 from persomux import prompts as prompts_lib
 from persomux import train
-from persomux.checkpoint import Checkpointer
+from persomux.checkpoint import Checkpointer, Part
+from persomux.models import lora as lora_lib
 
 METHODS = ("persona_mux", "soft_prompt", "random_codebook")
 _TRAINS = {"persona_mux": prompts_lib.Mixtures, "random_codebook": prompts_lib.Mixtures,
@@ -88,14 +89,19 @@ class Split:
     return split
 
 
-def make_examples(records, classes: list[str], formatter, config, cap_key: str, counts) -> tuple[list, list]:
-  """(train, test) examples of `classes`, ids in the order of `classes`."""
+def class_records(records, classes: list[str], config, cap_key: str) -> tuple[list, list]:
+  """(train, test) records of `classes`: capped per class, then split per class (seeded)."""
   dc = config["data"]
-  vocab = data_lib.ClassVocab(classes)
   rs = data_lib.select_classes(records, classes, source=dc.get("path") or "data")
   rs = data_lib.cap_per_class(rs, dc.get(cap_key, 0), seed=config["seed"])
-  tr, te = data_lib.split_train_test(rs, dc["test_fraction"], seed=config["seed"])
-  enc = lambda x: data_lib.encode(x, formatter, vocab, dc["max_len"], counts)
+  return data_lib.split_train_test(rs, dc["test_fraction"], seed=config["seed"])
+
+
+def make_examples(records, classes: list[str], formatter, config, cap_key: str, counts) -> tuple[list, list]:
+  """(train, test) examples of `classes`, ids in the order of `classes`."""
+  vocab = data_lib.ClassVocab(classes)
+  tr, te = class_records(records, classes, config, cap_key)
+  enc = lambda x: data_lib.encode(x, formatter, vocab, config["data"]["max_len"], counts)
   return enc(tr), enc(te)
 
 
@@ -127,9 +133,12 @@ def build_prompt(method: str, num_classes: int, d_model: int, pc: dict, seed: in
   raise ValueError(f"prompt method {method!r} is unknown; expected one of {', '.join(METHODS)}")
 
 
-def save_prompt(workdir: str, name: str, module, meta: dict) -> None:
+def save_prompt(workdir: str, name: str, module, meta: dict, key: str = "prompt") -> None:
+  """Final state of a stage under `prompt/<name>` (a `checkpoint.Part` for LoRA adapters)."""
   ck = Checkpointer(os.path.join(workdir, "prompt", name), keep=1)
-  ck.save(0, {"prompt": module}, meta)
+  # A new step, so a rerun replaces the old state atomically (orbax drops it after the save).
+  latest = ck.latest_step()
+  ck.save(0 if latest is None else latest + 1, {key: module}, meta)
   ck.close()
 
 
@@ -166,6 +175,15 @@ def find_persona(workdir: str, persona: str, method: str, d_model: int):
 # --- stages -------------------------------------------------------------------------------
 
 
+def _stage_inputs(config, workdir, tokenizer, records):
+  """`(config dict, records, split, formatter, truncation counts)` shared by every stage."""
+  config = _cfg_dict(config)
+  if records is None:
+    records, _ = data_lib.load_records(config["data"]["path"])
+  split = Split.make(records, config, workdir)
+  return config, records, split, formatter_for(tokenizer, config), collections.Counter()
+
+
 def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: str = "persona_mux",
              progress: bool = True, on_step=None, mesh=None) -> dict[str, Any]:
   """Stage 1 on the pretraining classes; writes `prompt/pretrain` (or `prompt/pretrain_<method>`).
@@ -173,12 +191,7 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   PersonaMux: a bias-only warmup (`pretrain.warmup_epochs`, m_i = 0, W
   frozen), then W, b and every m_i jointly for `pretrain.epochs`.
   """
-  config = _cfg_dict(config)
-  if records is None:
-    records, skipped = data_lib.load_records(config["data"]["path"])
-  split = Split.make(records, config, workdir)
-  counts: collections.Counter = collections.Counter()
-  fmt = formatter_for(tokenizer, config)
+  config, records, split, fmt, counts = _stage_inputs(config, workdir, tokenizer, records)
   tr, te = make_examples(records, split.pretrain, fmt, config, "max_per_class_pretrain", counts)
   pc, tc = config["prompt"], config["pretrain"]
   prompt = build_prompt(method, len(split.pretrain), trunk.config.d_model, pc, config["seed"])
@@ -230,13 +243,8 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   classes train together, full batch by default (`finetune.batch_size=0`).
   Writes `prompt/finetune_<method>`.
   """
-  config = _cfg_dict(config)
-  if records is None:
-    records, _ = data_lib.load_records(config["data"]["path"])
-  split = Split.make(records, config, workdir)
+  config, records, split, fmt, counts = _stage_inputs(config, workdir, tokenizer, records)
   data_lib.check_disjoint(split.pretrain, split.finetune, source=os.path.join(workdir, "split.json"))
-  counts: collections.Counter = collections.Counter()
-  fmt = formatter_for(tokenizer, config)
   tr, te = make_examples(records, split.finetune, fmt, config, "max_per_class_finetune", counts)
   pc, fc = config["prompt"], config["finetune"]
   d = trunk.config.d_model
@@ -275,3 +283,59 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
           "per_class": {names[c]: v for c, v in final["per_class"].items()},
           "initial_per_class": {names[c]: v for c, v in initial["per_class"].items()},
           "test_batches": test_batches, "classes": names, "truncated": dict(counts), **result}
+
+
+# --- LoRA baseline --------------------------------------------------------------------------
+
+
+def train_lora(config, workdir: str, trunk, tokenizer, records=None, *, progress: bool = True, on_step=None,
+               mesh=None) -> dict[str, Any]:
+  """The LoRA baseline: adapters on the frozen trunk, trained as in the paper on
+  the pretraining classes' train split plus the finetuning classes' train
+  split (text personas in the prompt, no soft tokens). Evaluated on the
+  finetuning classes' test split, the same examples stage 2 uses. Writes
+  `prompt/lora` (adapters and their `lora` config); the adapters are
+  detached from `trunk` on return (`load_lora` puts them back).
+  """
+  config, records, split, fmt, counts = _stage_inputs(config, workdir, tokenizer, records)
+  pre_tr, _ = make_examples(records, split.pretrain, fmt, config, "max_per_class_pretrain", counts)
+  fin_tr, te = make_examples(records, split.finetune, fmt, config, "max_per_class_finetune", counts)
+  lc = config["lora"]
+  lcfg = lora_lib.LoRAConfig.from_config(lc)
+  if lc["batch_size"] % _batch_unit(mesh):
+    raise ValueError(f"lora.batch_size={lc['batch_size']} must be a multiple of {_batch_unit(mesh)} "
+                     "(processes x data x fsdp mesh axes)")
+  buckets = data_lib.default_buckets(config["data"]["max_len"])
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  src = data_lib.ShuffledBatches(pre_tr + fin_tr, lc["batch_size"], seed=config["seed"], buckets=buckets,
+                                 pad_id=pad, shard=jax.process_index(), num_shards=jax.process_count())
+  steps = lc.get("steps") or lc["epochs"] * src.steps_per_epoch()
+  test_batches = _eval_batches(te, config) if te else []
+  with lora_lib.attached(trunk, lcfg, seed=config["seed"]):
+    initial = train.evaluate(trunk, None, test_batches) if test_batches else {"loss": float("nan")}
+    eval_fn = (lambda: _summary(train.evaluate(trunk, None, test_batches), split.finetune)) \
+        if test_batches else None
+    phase = train.Phase("lora", lora_lib.LoRAParam, src, steps, train.OptimConfig.from_config(lc))
+    result = train.run_phases(trunk, None, [phase], workdir=workdir, checkpoint_every=lc["checkpoint_every"],
+                              eval_fn=eval_fn, eval_every=lc["eval_every"], stage="lora", progress=progress,
+                              on_step=on_step, mesh=mesh)
+    final = train.evaluate(trunk, None, test_batches) if test_batches else initial
+    save_prompt(workdir, "lora", Part(trunk, lora_lib.LoRAParam),
+                {"method": "lora", "lora": lcfg.to_dict(), "classes": split.finetune, "test_loss": final["loss"],
+                 "params": lora_lib.count(trunk.config, lcfg)}, key="adapters")
+  return {"test_loss": final["loss"], "initial_test_loss": initial["loss"], "train_examples": len(src.examples),
+          "lora": lcfg, "test_batches": test_batches, **result}
+
+
+def load_lora(workdir: str, trunk) -> dict:
+  """Attaches the trained LoRA adapters of `workdir` to `trunk`; returns their meta.
+  Take them off with `persomux.models.lora.detach(trunk)`."""
+  directory = os.path.join(workdir, "prompt", "lora")
+  ck = Checkpointer(directory, keep=1)
+  if ck.latest_step() is None:
+    raise FileNotFoundError(f"{directory}: no LoRA adapters; run the LoRA baseline first")
+  meta = ck.read_meta()
+  lora_lib.attach(trunk, lora_lib.LoRAConfig.from_config(meta["lora"]))
+  ck.restore({"adapters": Part(trunk, lora_lib.LoRAParam)})
+  ck.close()
+  return meta

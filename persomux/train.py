@@ -30,7 +30,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from persomux import prompts as prompts_lib
-from persomux.checkpoint import Checkpointer
+from persomux.checkpoint import Checkpointer, Part
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,7 +90,17 @@ def train_step(trunk, prompt, opt, batch):
 
 
 @nnx.jit
-def _row_losses(trunk, prompt, batch, bias_scale):
+def adapter_step(trunk, opt, batch):
+  """One optimizer step on the trunk's variables `opt` was built for (LoRA adapters), no soft prompt."""
+  diff = nnx.DiffState(0, opt.wrt)
+  loss, grads = nnx.value_and_grad(lambda t: mean_loss(t, None, batch), argnums=diff)(trunk)
+  opt.update(trunk, grads)
+  return loss, optax.tree.norm(grads)
+
+
+@nnx.jit
+def row_losses(trunk, prompt, batch, bias_scale):
+  """Per-row `(nll sum, target tokens)` `[batch]`."""
   nll, mask = token_nll(trunk, prompt, batch, bias_scale)
   return nll.sum(-1), mask.sum(-1)
 
@@ -104,7 +114,7 @@ def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale
   sums: dict[int, float] = {}
   counts: dict[int, float] = {}
   for batch in batches:
-    s, c = jax.device_get(_row_losses(trunk, prompt, batch, jnp.float32(bias_scale)))
+    s, c = jax.device_get(row_losses(trunk, prompt, batch, jnp.float32(bias_scale)))
     for cid, si, ci in zip(np.asarray(batch["class_ids"]), s, c):
       if ci > 0:
         sums[int(cid)] = sums.get(int(cid), 0.0) + float(si)
@@ -200,6 +210,10 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
   uninterrupted one. A non-finite loss raises `TrainingDiverged` before
   anything is saved. Metrics go to `workdir/metrics.jsonl`.
 
+  With `prompt=None` the trunk's own variables selected by each phase's
+  `wrt` train instead (the LoRA baseline: `wrt=LoRAParam`); only they are
+  checkpointed.
+
   With a `mesh`, the prompt state is sharded by `sharding.prompt_spec` and
   every batch over the data axes (the trunk is sharded when it is loaded).
 
@@ -208,7 +222,15 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
   if mesh is not None:
     from persomux import sharding
 
-    sharding.shard_module(prompt, mesh)
+    if prompt is None:  # new adapters start on one device: lay them out like the trunk
+      sharding.shard_module(trunk, mesh, sharding.trunk_spec)
+    else:
+      sharding.shard_module(prompt, mesh)
+  # What trains, and what a checkpoint holds of it.
+  owner = trunk if prompt is None else prompt
+  saved = (lambda ph: {"adapters": Part(trunk, ph.wrt)}) if prompt is None else (lambda ph: {"prompt": prompt})
+  step_fn = (lambda opt, b: adapter_step(trunk, opt, b)) if prompt is None else \
+      (lambda opt, b: train_step(trunk, prompt, opt, b))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage)) if workdir else None
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
   offsets = np.cumsum([0] + [p.steps for p in phases])
@@ -222,9 +244,9 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
                        "which this run's phases do not match; use a fresh workdir")
     # The optimizer of the checkpointed phase restores with it, even if that
     # phase was complete: its state shape depends on what trained.
-    resume_opt = nnx.Optimizer(prompt, make_tx(phases[resume_phase].optim, phases[resume_phase].steps),
+    resume_opt = nnx.Optimizer(owner, make_tx(phases[resume_phase].optim, phases[resume_phase].steps),
                                wrt=phases[resume_phase].wrt)
-    ckpt.restore({"prompt": prompt, "opt": resume_opt})
+    ckpt.restore({**saved(phases[resume_phase]), "opt": resume_opt})
     last_loss = float(meta.get("loss", last_loss))
     if _host0():
       print(f"[{stage}] resumed from {ckpt.directory}: phase {phases[resume_phase].name!r} "
@@ -235,7 +257,7 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
     if pi == resume_phase and resume_opt is not None:
       opt, first = resume_opt, resume_step
     else:
-      opt, first = nnx.Optimizer(prompt, make_tx(phase.optim, phase.steps), wrt=phase.wrt), 0
+      opt, first = nnx.Optimizer(owner, make_tx(phase.optim, phase.steps), wrt=phase.wrt), 0
     if first >= phase.steps:
       continue
     spe = phase.data.steps_per_epoch()
@@ -249,7 +271,7 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
       tokens += int(np.asarray(batch["attention_mask"]).sum())
       if mesh is not None:
         batch = sharding.shard_batch(batch, mesh)
-      loss, gnorm = train_step(trunk, prompt, opt, batch)
+      loss, gnorm = step_fn(opt, batch)
       loss = float(loss)
       if not math.isfinite(loss):
         raise TrainingDiverged(
@@ -269,7 +291,7 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
       if on_step is not None:
         on_step(gstep)
       if ckpt is not None and (done % checkpoint_every == 0 or done == phase.steps):
-        ckpt.save(gstep, {"prompt": prompt, "opt": opt},
+        ckpt.save(gstep, {**saved(phase), "opt": opt},
                   {"phase": pi, "step": done, "phase_name": phase.name, "global_step": gstep,
                    "loss": loss})
     bar.close()

@@ -3,6 +3,8 @@
 - `write_peft_prompt(...)`: one persona's soft prompt s_i (bias scaled) as a
   PEFT prompt-tuning adapter (`adapter_config.json` + `adapter_model.safetensors`
   with `prompt_embeddings` [l + k, d]); PEFT prepends it to the input.
+- `write_peft_lora(...)`: the LoRA baseline's adapters attached to a trunk as
+  a PEFT LoRA adapter (`lora_A` [r, in], `lora_B` [out, r] per target).
 - `write_state(...)`: the whole state as `persona_mux.safetensors` with
   `codebook` [n, k, d], `bias` [l, d], `mixtures` [classes, n], and the class
   names and config as JSON metadata (read by `torch_prompts`).
@@ -39,6 +41,23 @@ def write_peft_prompt(out_dir: str, soft: np.ndarray, trunk_config, base_model: 
     json.dump(config, f, indent=2)
   write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"),
                     {"prompt_embeddings": np.ascontiguousarray(soft, np.float32)})
+
+
+def write_peft_lora(out_dir: str, trunk, lora_config, base_model: str | None = None) -> None:
+  """Writes the adapters attached to `trunk` (see `persomux.models.lora`) for `peft.PeftModel.from_pretrained`."""
+  from persomux.models import lora as lora_lib
+
+  tensors = lora_lib.peft_tensors(trunk)
+  os.makedirs(out_dir, exist_ok=True)
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_config.rank, "lora_alpha": lora_config.alpha,
+      "target_modules": sorted(lora_config.targets), "lora_dropout": 0.0, "bias": "none",
+      "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
+      "modules_to_save": None, "base_model_name_or_path": base_model,
+  }
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
 
 
 def write_state(out_dir: str, prompt, classes: list[str], config: dict) -> str:

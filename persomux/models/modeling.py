@@ -57,6 +57,35 @@ def _linear(x, w, b=None):
   return y if b is None else y + b
 
 
+class LoRAParam(nnx.Param):
+  """A trainable low-rank adapter weight (the LoRA baseline); never part of the checkpoint."""
+
+
+class LoRA(nnx.Module):
+  """A low-rank update of one projection: `x -> scaling * (x @ a.T) @ b.T`, as PEFT computes it.
+
+  `a` `[rank, in]` starts like PEFT's (Kaiming-uniform, bound 1/sqrt(in)) and
+  `b` `[out, rank]` at zero, so an attached adapter starts as the identity.
+  Weights are float32; the update is cast to the activations' dtype.
+  """
+
+  def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(in_features)
+    self.a = LoRAParam(jax.random.uniform(rngs.params(), (rank, in_features), jnp.float32, -bound, bound))
+    self.b = LoRAParam(jnp.zeros((out_features, rank), jnp.float32))
+    self.scaling = alpha / rank
+
+  def __call__(self, x):
+    h = jnp.einsum("...i,ri->...r", x.astype(jnp.float32), self.a[...])
+    return (self.scaling * jnp.einsum("...r,or->...o", h, self.b[...])).astype(x.dtype)
+
+
+def _project(x, w, b, lora):
+  """A projection with its optional bias and optional LoRA adapter (None when absent)."""
+  y = _linear(x, w[...], None if b is None else b[...])
+  return y if lora is None else y + lora(x)
+
+
 class RMSNorm(nnx.Module):
   """RMS norm. Llama scales by `w`; Gemma by `(1 + w)` in float32."""
 
@@ -145,6 +174,9 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, gemma=True, dtype=dtype)
     else:
       self.q_norm = self.k_norm = None
+    # LoRA adapters (see `persomux.models.lora`); None when not attached.
+    for name in ("q_proj_lora", "k_proj_lora", "v_proj_lora", "o_proj_lora"):
+      setattr(self, name, nnx.data(None))
 
   def project_kv(self, x, cos, sin):
     """Rotated keys and values `[batch, kv_heads, seq, head_dim]` for `x`.
@@ -153,8 +185,8 @@ class Attention(nnx.Module):
     plain batched matmul, with no per-step transpose of the cache.
     """
     b, t, _ = x.shape
-    k = _linear(x, self.k_proj[...], None if self.k_bias is None else self.k_bias[...])
-    v = _linear(x, self.v_proj[...], None if self.v_bias is None else self.v_bias[...])
+    k = _project(x, self.k_proj, self.k_bias, self.k_proj_lora)
+    v = _project(x, self.v_proj, self.v_bias, self.v_proj_lora)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.k_norm is not None:
@@ -170,7 +202,7 @@ class Attention(nnx.Module):
     in). Returns `(out [batch, q, d_model], (keys, values))`.
     """
     b, t, _ = x.shape
-    q = _linear(x, self.q_proj[...], None if self.q_bias is None else self.q_bias[...])
+    q = _project(x, self.q_proj, self.q_bias, self.q_proj_lora)
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     if self.q_norm is not None:
       q = self.q_norm(q)
@@ -187,7 +219,7 @@ class Attention(nnx.Module):
     logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-    out = _linear(out, self.o_proj[...], None if self.o_bias is None else self.o_bias[...])
+    out = _project(out, self.o_proj, self.o_bias, self.o_proj_lora)
     return out, (k, v)
 
 
@@ -208,12 +240,13 @@ class MLP(nnx.Module):
       self.down_bias = nnx.Param(jnp.zeros((cfg.d_model,), dtype))
     else:
       self.gate_bias = self.up_bias = self.down_bias = None
+    for name in ("gate_proj_lora", "up_proj_lora", "down_proj_lora"):
+      setattr(self, name, nnx.data(None))
 
   def __call__(self, x):
-    opt = lambda p: None if p is None else p[...]
-    h = self.act(_linear(x, self.gate_proj[...], opt(self.gate_bias))) * _linear(
-        x, self.up_proj[...], opt(self.up_bias))
-    return _linear(h, self.down_proj[...], opt(self.down_bias))
+    h = self.act(_project(x, self.gate_proj, self.gate_bias, self.gate_proj_lora)) * _project(
+        x, self.up_proj, self.up_bias, self.up_proj_lora)
+    return _project(h, self.down_proj, self.down_bias, self.down_proj_lora)
 
 
 class DecoderLayer(nnx.Module):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from persomux.models.config import TrunkConfig
-from persomux.models.modeling import Trunk
+from persomux.models.modeling import LoRAParam, Trunk
 
 
 class CheckpointError(ValueError):
@@ -292,7 +292,8 @@ def load_model(path: str, *, dtype="float32", tokenizer: bool = True, remat: boo
 def iter_hf_tensors(model: Trunk) -> Iterator[tuple[str, np.ndarray]]:
   """`(hf_name, host array)` for every trunk tensor, in module order."""
   cfg = model.config
-  for mpath, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+  # LoRA adapters are exported on their own (persomux.export.peft_export), never into the trunk.
+  for mpath, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))):
     yield hf_name(mpath, cfg), np.asarray(jax.device_get(var.get_value()))
 
 
