@@ -50,4 +50,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.finetune.adam_eps = 1e-4
   c.finetune.checkpoint_every = 50
   c.finetune.eval_every = 25
+
+  # LoRA baseline: the pretraining classes' train split plus the finetuning classes' train split.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+  c.lora.targets = "q_proj,v_proj"  # any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+  c.lora.batch_size = 8
+  c.lora.epochs = 1
+  c.lora.steps = 0  # > 0 overrides epochs
+  c.lora.learning_rate = 1e-4
+  c.lora.schedule = "constant"
+  c.lora.warmup_steps = 0
+  c.lora.clip_norm = 1.0
+  c.lora.adam_eps = 1e-4
+  c.lora.checkpoint_every = 200
+  c.lora.eval_every = 200
+
+  # launch/evaluate.py: the paper's evaluation on the held-out (stage-2) classes.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.methods = "base,icl,lora,soft_prompt,random_codebook,persona_mux"
+  c.eval.bias_scales = "1.0,0.5,0.0"  # Persona-Mux bias sweep: full, half, none
+  c.eval.icl_shots = 3  # in-context examples of the class in the ICL prompt
+  c.eval.generation_classes = 32  # paper: 32 classes (8 on games)
+  c.eval.prompts_per_class = 2  # test-set contexts per class used as generation prompts
+  c.eval.max_new_tokens = 64
+  c.eval.temperature = 1.0  # paper: temperature 1.0, top-k 50
+  c.eval.top_k = 50
+  c.eval.batch_size = 16  # generation and judge batch size
+  c.eval.discrimination = "fake"  # fake: spot the generated text among 3 real ones; next: pick the next item
+  c.eval.discrimination_trials = 50  # paper: out of 50
+  c.eval.judge_max_len = 512
+  c.eval.seed = 0
   return c

@@ -16,4 +16,6 @@ def get_config():
   c.data.finetune_fraction = 0.1
   c.data.test_fraction = 0.1
   c.data.max_per_class_finetune = 112
+  c.eval.generation_classes = 8  # the paper generates for 8 game clusters
+  c.eval.discrimination = "next"  # the judge picks the next game among the generated one and 3 decoys
   return c

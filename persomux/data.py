@@ -241,6 +241,24 @@ def split_train_test(records: Sequence[Record], test_fraction: float = 0.1,
   return train, test
 
 
+def in_context_persona(persona: str | None, shots: Sequence[Record]) -> str:
+  """The ICL baseline's persona: the text persona followed by a few of the class's own examples."""
+  parts = [persona.rstrip()] if persona else []
+  if shots:
+    parts.append("Examples of how this character writes:")
+    parts.extend(f"{r.context}\n{r.text}" if r.context else r.text for r in shots)
+  return "\n\n".join(parts) + "\n"
+
+
+def pick_shots(train: Sequence[Record], shots: int, seed: int = 0) -> dict[str, list[Record]]:
+  """`shots` training examples per class (seeded), for in-context prompts."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for cls, rs in sorted(by_class(train).items()):
+    out[cls] = [rs[i] for i in sorted(rng.permutation(len(rs))[:shots])]
+  return out
+
+
 class ClassVocab:
   """Stable class name <-> id mapping (names in the given order)."""
 

