@@ -83,3 +83,31 @@ def test_export_launch(trained, tmp_path):
   bad = run("export.py", f"--workdir={workdir}", "--format=peft", "--persona=zed", f"--out={tmp_path / 'x'}",
             check=False)
   assert bad.returncode != 0 and "zed" in bad.stderr and not os.path.exists(tmp_path / "x")
+
+
+def test_export_launch_lora_and_trunk(trained, tmp_path):
+  """--lora writes the LoRA baseline as a PEFT LoRA adapter; --export_trunk=always ships the trunk with it."""
+  from persomux.checkpoint import Part
+  from persomux.models import lora
+
+  d, model, _ = trained
+  workdir = tmp_path / "run"
+  stages.save_run({"model_dir": str(d / "trunk"), "dtype": "float32"}, str(workdir))
+  missing = run("export.py", f"--workdir={workdir}", "--lora", f"--out={tmp_path / 'none'}", check=False)
+  assert missing.returncode != 0 and "prompt/lora" in missing.stderr
+  cfg = lora.LoRAConfig(rank=2, alpha=4.0, targets=("q_proj", "down_proj"))
+  with lora.attached(model, cfg, seed=3):
+    for _, _, a in lora.adapters(model):
+      a.b[...] = 0.1 * jnp.ones(a.b.shape)
+    stages.save_prompt(str(workdir), "lora", Part(model, lora.LoRAParam),
+                       {"method": "lora", "lora": cfg.to_dict(), "classes": ["a"]}, key="adapters")
+    ids = np.random.RandomState(3).randint(3, 300, (2, 9))
+    ours = np.asarray(model(jnp.asarray(ids)))
+  out = tmp_path / "lora"
+  run("export.py", f"--workdir={workdir}", "--lora", "--export_trunk=always", f"--out={out}")
+  base = json.load(open(out / "adapter_config.json"))["base_model_name_or_path"]
+  assert base == str(out / "base_model")
+  peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out)).eval()
+  with torch.no_grad():
+    ref = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
