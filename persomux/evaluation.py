@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -118,7 +119,8 @@ def discrimination(model, tokenizer, trials: Sequence[Trial], mode: str = "fake"
   real next item. The result counts trials where that is the generated one
   (higher: the generations are plausible continuations).
   Ties share the credit: a trial whose best score is shared by t options,
-  the generated one among them, counts 1/t. Returns `(count, scores)`.
+  the generated one among them, counts 1/t. An empty generation is always
+  the fake and never the next item. Returns `(count, scores)`.
   """
   if mode not in ("fake", "next"):
     raise ValueError(f"eval.discrimination is {mode!r}; expected 'fake' or 'next'")
@@ -131,7 +133,8 @@ def discrimination(model, tokenizer, trials: Sequence[Trial], mode: str = "fake"
         prompts.append((t.context or "") + "\n")
       texts.append(opt)
   sums, counts = text_nll(model, tokenizer, prompts, texts, batch_size=batch_size, max_len=max_len)
-  per_token = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf if mode == "next" else -np.inf)
+  # An empty option is as surprising as can be: picked as the fake, never as the next item.
+  per_token = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
   total, scores, k = 0.0, [], 0
   for t in trials:
     s = per_token[k:k + len(t.options)]
@@ -435,7 +438,8 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
       "samples": [{"class": it.cls, "context": it.context, "real": it.real,
                    "generations": {n: g[i] for n, g in generations.items()}} for i, it in enumerate(items)],
   }
-  report_lib.write(workdir, rep, mixtures=_mixtures(tuned, workdir, trunk.config.d_model, stages))
+  if jax.process_index() == 0:  # every process computed the same report; one writes it
+    report_lib.write(workdir, rep, mixtures=_mixtures(tuned, workdir, trunk.config.d_model, stages))
   return rep
 
 

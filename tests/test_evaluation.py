@@ -93,6 +93,9 @@ def test_discrimination_known_answers(unigram_judge):
   n, _ = evaluation.discrimination(*judge, [T(("moon", "red", "tree", "sun"), 1, "cat dog"),
                                             T(("moon", "tree", "sun", "red"), 0, "cat")], "next")
   assert n == 1
+  # An empty generation is spotted as the fake, and never taken for the next item.
+  assert evaluation.discrimination(*judge, [T(("red", "red red", "", "red"), 2)], "fake")[0] == 1
+  assert evaluation.discrimination(*judge, [T(("", "blue", "cat", "dog"), 0, "sun")], "next")[0] == 0
   # Identical options: a four-way tie shares the credit.
   n, _ = evaluation.discrimination(*judge, [T(("blue",) * 4, 3)] * 2, "fake")
   assert n == pytest.approx(0.5)
