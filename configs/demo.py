@@ -47,7 +47,17 @@ def get_config():
   c.finetune.checkpoint_every = 50
   c.finetune.eval_every = 50
 
-  c.samples = ml_collections.ConfigDict()
-  c.samples.personas = 2
-  c.samples.max_new_tokens = 32
+  # LoRA baseline: one epoch over the pretraining + unseen personas' train splits.
+  c.lora.batch_size = 32
+  c.lora.epochs = 1
+  c.lora.learning_rate = 3e-3
+  c.lora.checkpoint_every = 100
+  c.lora.eval_every = 100
+
+  # A reduced evaluation: 8 of the 20 unseen personas, 2 prompts each, short generations.
+  c.eval.generation_classes = 8
+  c.eval.prompts_per_class = 2
+  c.eval.max_new_tokens = 24
+  c.eval.discrimination_trials = 16
+  c.eval.batch_size = 16
   return c

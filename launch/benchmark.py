@@ -2,6 +2,9 @@ r"""Benchmarks persomux against its PyTorch peer in the same process.
 
   python launch/benchmark.py --suite=train
 
+`lora`: the LoRA baseline's train step (rank 8 on q_proj and v_proj) on the
+same model and batch against PEFT LoRA in PyTorch.
+
 `train`: the stage-1 (joint) Persona-Mux train step on a small Llama
 (hidden 512, 8 layers, 8 heads, 4 kv heads, ffn 1376, vocab 32000), batch
 8 x 128 tokens, fp32, against HF PEFT prompt tuning (20 virtual tokens =
@@ -22,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "train", ["train", "generate", "scale"], "Which benchmark to run.")
+flags.DEFINE_enum("suite", "train", ["train", "lora", "generate", "scale"], "Which benchmark to run.")
 flags.DEFINE_list("scale_models", ["llama3_8b", "gemma2_27b"], "scale suite: trunk configs to compile.")
 flags.DEFINE_list("scale_meshes", ["fsdp:8", "data:2,fsdp:4", "fsdp:32", "data:4,fsdp:4,tensor:2"],
                   "scale suite: simulated meshes (8 and 32 devices).")
@@ -136,6 +139,56 @@ def train_suite():
   print(f"persomux compiled FLOPs/step {flops / 1e9:.1f} GFLOP -> {flops / px_t / 1e9:.1f} GFLOP/s; "
         f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; fraction {flops / px_t / peak:.2f}")
   print(f"train ratio persomux/peft = {px_tps / pt_tps:.2f}")
+
+
+def lora_suite():
+  """The LoRA baseline's train step (rank 8 on q_proj, v_proj, Adam) against PEFT LoRA on the same model."""
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from flax import nnx
+  from peft import LoraConfig, get_peft_model
+
+  from persomux import train
+  from persomux.models import lora
+
+  cfg, hf, trunk = _benchmark_models()
+  b, t = FLAGS.batch, FLAGS.seq
+  lcfg = lora.LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
+  lora.attach(trunk, lcfg, seed=FLAGS.seed)
+  if FLAGS.mesh:
+    from persomux import sharding
+
+    sharding.shard_module(trunk, _mesh(), sharding.trunk_spec)
+  opt = nnx.Optimizer(trunk, train.make_tx(train.OptimConfig(), 100), wrt=lora.LoRAParam)
+  ids = np.random.RandomState(FLAGS.seed).randint(3, cfg.vocab_size, (b, t)).astype(np.int32)
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((b, t), jnp.int32),
+           "loss_mask": jnp.ones((b, t), jnp.float32)}
+  if FLAGS.mesh:
+    batch = sharding.shard_batch(batch, _mesh())
+
+  def px_step():
+    loss, _ = train.adapter_step(trunk, opt, batch)
+    loss.block_until_ready()
+
+  px_t = _median_time(px_step, FLAGS.steps, FLAGS.warmup)
+  peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0))
+  peft_model.train()
+  topt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, eps=1e-4)
+  tids = torch.tensor(ids, dtype=torch.long)
+
+  def peft_step():
+    peft_model(input_ids=tids, labels=tids).loss.backward()
+    topt.step()
+    topt.zero_grad()
+
+  pt_t = _median_time(peft_step, FLAGS.steps, FLAGS.warmup)
+  print(f"model: llama d=512 L={cfg.num_layers} H=8 KV=4 ffn=1376 V=32000 fp32; batch {b}x{t}; "
+        f"LoRA rank 8 on q_proj, v_proj ({lora.count(cfg, lcfg):,} parameters)")
+  print(f"persomux  step {px_t * 1e3:8.1f} ms  {b * t / px_t:10.1f} tokens/s")
+  print(f"peft      step {pt_t * 1e3:8.1f} ms  {b * t / pt_t:10.1f} tokens/s")
+  print(f"lora train ratio persomux/peft = {pt_t / px_t:.2f}")
 
 
 def _benchmark_models():
@@ -285,6 +338,8 @@ def main(argv):
     return
   if FLAGS.suite == "train":
     train_suite()
+  elif FLAGS.suite == "lora":
+    lora_suite()
   elif FLAGS.suite == "generate":
     generate_suite()
 
