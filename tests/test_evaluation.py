@@ -176,11 +176,12 @@ def test_evaluate_launch_end_to_end(setup, unigram_judge):  # noqa: F811
   assert "paper Table 2" in md and "+ Half Bias" in md and "Table 7" in md
   assert "Test loss on the fine-tuning set" in out.stdout
   # A second run resumes every stage instead of training again, and gives the same test losses.
-  again = run("evaluate.py", f"--workdir={workdir}", f"--judge_model={unigram_judge[0]}", "--methods=base,lora",
-              "--embedding_model=none")
+  # Without --judge_model the trunk judges its own generations.
+  again = run("evaluate.py", f"--workdir={workdir}", "--methods=base,lora", "--embedding_model=none")
   rep2 = json.load(open(os.path.join(workdir, "report.json")))
   assert rep2["test_loss"]["lora"] == pytest.approx(rep["test_loss"]["lora"], abs=1e-6)
   assert rep2["embedding_variance"] == {} and "resumed" in again.stdout
+  assert rep2["setup"]["judge"] == "the trunk itself" and list(rep2["generation_loss"]) == ["base", "lora"]
 
 
 def test_report_markdown_layout():
