@@ -197,6 +197,17 @@ def _host0() -> bool:
   return jax.process_index() == 0
 
 
+def _commit(module, mesh) -> None:
+  """Places `module`'s uncommitted arrays (fresh optimizer counters, modules
+  built in this process) where the step's outputs will be. The first step's
+  outputs are committed, so an uncommitted input would make the second step
+  compile the train step again."""
+  target = jax.devices()[0] if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = nnx.state(module)
+  nnx.update(module, jax.tree.map(
+      lambda x: jax.device_put(x, target) if isinstance(x, jax.Array) and not x.committed else x, state))
+
+
 def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = None,
                checkpoint_every: int = 100, eval_fn: Callable[[], dict] | None = None,
                eval_every: int = 0, stage: str = "train", on_step: Callable[[int], None] | None = None,
@@ -258,6 +269,9 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
       opt, first = resume_opt, resume_step
     else:
       opt, first = nnx.Optimizer(owner, make_tx(phase.optim, phase.steps), wrt=phase.wrt), 0
+    for module in (trunk, prompt, opt):
+      if module is not None:
+        _commit(module, mesh)
     if first >= phase.steps:
       continue
     spe = phase.data.steps_per_epoch()

@@ -91,6 +91,18 @@ def test_stage2_trains_only_mixtures(trunk):
   assert np.abs(after["mixtures"] - before["mixtures"]).max() > 0
 
 
+def test_a_phase_compiles_its_step_once(trunk, caplog):
+  """The optimizer's fresh counters are placed like the step's outputs, so step 2
+  reuses step 1's executable (an 8B model compiles for minutes)."""
+  o = train.OptimConfig(learning_rate=1e-2)
+  data = RandomBatches(b=3, t=14, seed=11)  # shapes no other test compiles
+  with caplog.at_level("WARNING"), jax.log_compiles(True):
+    train.run_phases(trunk, new_prompt(), [train.Phase("finetune", prompts.Mixtures, data, 3, o)],
+                     progress=False)
+  compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+
+
 def test_random_codebook_never_moves(trunk):
   rc = new_prompt(prompts.RandomCodebook)
   before = arrays(rc)
