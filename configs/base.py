@@ -5,8 +5,10 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model_dir = ""  # local Hugging Face checkpoint directory of the frozen trunk
-  c.dtype = "float32"  # trunk dtype: bfloat16 on accelerators; prompt parameters are always float32
+  c.model_dir = ""  # the frozen trunk: a Hugging Face directory, a .gguf file or a shipped model name
+  # Trunk dtype, e.g. bfloat16 on accelerators; "" = the checkpoint's own (float32 for GGUF).
+  # Prompt parameters are always float32.
+  c.dtype = ""
   c.remat = False  # rematerialize decoder layers in the backward pass (saves activation memory)
   c.seed = 0
   c.mesh = ""  # e.g. "data:2,fsdp:2,tensor:2"; empty: every device on `data`

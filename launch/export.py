@@ -43,6 +43,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 def trunk_needs_export(model_dir: str, trunk_cfg) -> str | None:
   """Why the workdir's trunk must be written out for PyTorch users, or None when it can be used as is."""
+  if not os.path.isdir(model_dir):
+    return "it is a GGUF file (or a shipped model's name), which PyTorch users load as a Hugging Face directory"
   if trunk_cfg.multimodal:
     return "it is a multimodal checkpoint; the adapters apply to its text model"
   if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
@@ -55,12 +57,11 @@ def main(argv):
   from persomux import stages
   from persomux.export import peft_export
   from persomux.models import lora as lora_lib
-  from persomux.models.config import TrunkConfig
-  from persomux.models.params import load_model, save_model
+  from persomux.models.params import load_config, load_model, save_model
 
   run = stages.load_run(FLAGS.workdir)
   model_dir = run["model_dir"]
-  trunk_cfg = TrunkConfig.from_pretrained(model_dir)
+  trunk_cfg = load_config(model_dir)
   why = trunk_needs_export(model_dir, trunk_cfg) if FLAGS.export_trunk == "auto" else None
   write_trunk = FLAGS.format == "peft" and (FLAGS.export_trunk == "always" or why is not None)
   base_model = os.path.join(FLAGS.out, "base_model") if write_trunk else model_dir

@@ -150,9 +150,12 @@ def splice(token_embeds: jax.Array, attention_mask: jax.Array, soft: jax.Array, 
   return embeds, mask, positions, token_index
 
 
-def param_counts(model_dir_or_config_json: str, *, num_codes: int = 64, code_tokens: int = 8,
+def param_counts(model, *, num_codes: int = 64, code_tokens: int = 8,
                  bias_tokens: int = 12, soft_prompt_tokens: int = 8) -> dict[str, dict[str, int]]:
   """Trainable parameters per method, from a model config alone (no weights).
+
+  `model` is anything `load_model` takes (a Hugging Face directory or its
+  config.json, a `.gguf` file, a shipped model's name) or a `TrunkConfig`.
 
   Returns `{method: {"global": int, "per_class": int}}` for `persona_mux`
   (W and b global, m_i per class), `soft_prompt` (k tokens per class) and
@@ -160,8 +163,9 @@ def param_counts(model_dir_or_config_json: str, *, num_codes: int = 64, code_tok
   paper's n=64, k=8, l=12 and an 8-token soft prompt.
   """
   from persomux.models.config import TrunkConfig
+  from persomux.models.params import load_config
 
-  d = TrunkConfig.from_pretrained(model_dir_or_config_json).d_model
+  d = (model if isinstance(model, TrunkConfig) else load_config(model)).d_model
   return {
       "persona_mux": {"global": (num_codes * code_tokens + bias_tokens) * d, "per_class": num_codes},
       "soft_prompt": {"global": 0, "per_class": soft_prompt_tokens * d},

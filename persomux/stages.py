@@ -55,8 +55,10 @@ def load_trunk(config, mesh=None):
 
   c = config if isinstance(config, dict) else _cfg_dict(config)
   if not c.get("model_dir"):
-    raise ValueError("config.model_dir is empty; set it to a local Hugging Face checkpoint directory")
-  return load_model(c["model_dir"], dtype=c["dtype"], remat=c.get("remat", False), mesh=mesh)
+    raise ValueError("config.model_dir is empty; set it to a local Hugging Face checkpoint directory, "
+                     "a .gguf file or a shipped model name")
+  # An empty dtype (the default) means the checkpoint's own.
+  return load_model(c["model_dir"], dtype=c.get("dtype") or None, remat=c.get("remat", False), mesh=mesh)
 
 
 # --- data ----------------------------------------------------------------------------

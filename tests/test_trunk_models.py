@@ -159,3 +159,24 @@ def test_bfloat16_load(tmp_path):
   ids = jnp.asarray(_ids(4))
   a, b = np.asarray(m32(ids)), np.asarray(m16(ids))
   assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("name", ["llama/gqa", "gemma2/softcap_sliding", "gemma3/text"])
+def test_bfloat16_checkpoint_loads_in_its_own_dtype(name, tmp_path):
+  """A checkpoint transformers saved in bfloat16 loads in bfloat16 when no dtype
+  is given (config.json `dtype`), and upcasts exactly when float32 is asked for."""
+  build(name, str(tmp_path)).to(torch.bfloat16).save_pretrained(str(tmp_path))
+  assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+  ids = _ids(5)
+  model, _ = persomux.load_model(str(tmp_path), tokenizer=False)
+  assert model.dtype == jnp.bfloat16 and model.layers[0].mlp.up_proj[...].dtype == jnp.bfloat16
+  ref = _hf_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval(), ids)
+  delta = float(np.abs(np.asarray(model(jnp.asarray(ids))) - ref).max())
+  # bf16 keeps 8 bits of mantissa: two implementations that round intermediates
+  # at different points agree to a few bf16 ulps of the logit scale, not to 1e-4.
+  assert delta < 0.05 * np.abs(ref).max(), f"{name}: bf16 max |Δlogit| = {delta}"
+  m32, _ = persomux.load_model(str(tmp_path), dtype="float32", tokenizer=False)
+  up = _hf_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval(), ids)
+  delta32 = float(np.abs(np.asarray(m32(jnp.asarray(ids))) - up).max())
+  PARITY[f"{name}/from_bf16"] = delta32
+  assert delta32 < 1e-4, f"{name}: max |Δlogit| = {delta32}"

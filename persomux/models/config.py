@@ -2,8 +2,8 @@
 
 `TrunkConfig.from_hf_dict` reads a Hugging Face `config.json` written by
 transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) or 5.x
-(`rope_parameters`, `dtype`), and `to_hf_dict` writes one back that
-transformers 5 loads.
+(`rope_parameters`, `dtype`), filling absent fields with transformers'
+defaults, and `to_hf_dict` writes one back that transformers 5 loads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,55 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 class ConfigError(ValueError):
   """A config.json that persomux cannot use; the message names file and field."""
+
+
+# transformers 5 defaults of each family's config class (LlamaConfig, GemmaConfig,
+# Gemma2Config, Gemma3TextConfig): what a config.json that leaves a field out means.
+# Rope defaults live in `_read_rope`; tests/test_gguf.py checks this table against
+# transformers.
+_COMMON_DEFAULTS = dict(rms_norm_eps=1e-6, attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                        tie_word_embeddings=True, head_dim=256)
+_GEMMA23_DEFAULTS = _COMMON_DEFAULTS | dict(
+    hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+    hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096)
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=None, tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
+    "gemma": _COMMON_DEFAULTS | dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+                                     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
+                                     hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192),
+    "gemma2": _GEMMA23_DEFAULTS | dict(vocab_size=256000, max_position_embeddings=8192,
+                                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": _GEMMA23_DEFAULTS | dict(vocab_size=262208, max_position_embeddings=131072,
+                                            attn_logit_softcapping=None, final_logit_softcapping=None),
+}
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def read_config_json(path: str) -> tuple[dict[str, Any], str]:
+  """`(dict, file)` of `path/config.json` (or of a config.json file path)."""
+  file = path if path.endswith(".json") else os.path.join(path, "config.json")
+  if not os.path.isdir(path) and not os.path.isfile(file):
+    raise FileNotFoundError(f"{path}: no such model directory")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file}: missing; a Hugging Face model directory needs config.json")
+  try:
+    with open(file) as f:
+      return json.load(f), file
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{file}: not valid JSON ({e})") from e
+
+
+def checkpoint_dtype(cfg: dict[str, Any]) -> str:
+  """The dtype a config.json says its weights are in (`dtype`, 4.x `torch_dtype`,
+  or the text config's): "float32", "bfloat16" or "float16"; float32 when absent."""
+  for d in (cfg, cfg.get("text_config") or {}):
+    name = str(d.get("dtype") or d.get("torch_dtype") or "").removeprefix("torch.")
+    if name in _DTYPE_NAMES:
+      return name
+  return "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +187,11 @@ class TrunkConfig:
 
   @classmethod
   def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "TrunkConfig":
-    """Builds a TrunkConfig from a Hugging Face config dict (4.x or 5.x keys)."""
+    """Builds a TrunkConfig from a Hugging Face config dict (4.x or 5.x keys).
+
+    A field the dict leaves out takes transformers' default for that model
+    type (`HF_DEFAULTS`), as `AutoConfig` would; only `model_type` is required.
+    """
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ConfigError(
@@ -146,9 +199,7 @@ class TrunkConfig:
           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     multimodal = model_type == "gemma3"
     if multimodal:
-      if "text_config" not in cfg:
-        raise ConfigError(f"{source}: a 'gemma3' config needs a 'text_config' object")
-      text = dict(cfg["text_config"])
+      text = dict(cfg.get("text_config") or {})
       text.setdefault("model_type", "gemma3_text")
       for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if k in cfg and k not in text:
@@ -156,41 +207,30 @@ class TrunkConfig:
       base = cls.from_hf_dict(text, source=f"{source} (text_config)")
       return dataclasses.replace(base, multimodal=True)
 
-    def need(key):
-      if key not in cfg:
-        raise ConfigError(f"{source}: missing field {key!r} required for model_type {model_type!r}")
-      return cfg[key]
-
-    d_model = int(need("hidden_size"))
-    num_heads = int(need("num_attention_heads"))
-    num_layers = int(need("num_hidden_layers"))
     family = model_type
-    is_gemma = family.startswith("gemma")
-    num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+    cfg = HF_DEFAULTS[family] | cfg  # a key present with null stays null, as in transformers
+    d_model = int(cfg["hidden_size"])
+    num_heads = int(cfg["num_attention_heads"])
+    num_layers = int(cfg["num_hidden_layers"])
+    num_kv_heads = int(cfg["num_key_value_heads"] or num_heads)
     if num_heads % num_kv_heads:
       raise ConfigError(f"{source}: num_attention_heads={num_heads} is not a multiple of "
                         f"num_key_value_heads={num_kv_heads}")
-    head_dim = int(cfg.get("head_dim") or d_model // num_heads)
+    head_dim = int(cfg["head_dim"] or d_model // num_heads)
     # Each family's transformers MLP reads one key: Llama and Gemma 1 read
     # `hidden_act` (Gemma 1 maps its legacy "gelu" to the tanh approximation),
     # Gemma 2 and 3 read `hidden_activation`.
-    if family == "llama":
-      activation = cfg.get("hidden_act")
-    elif family == "gemma":
-      activation = cfg.get("hidden_act") or cfg.get("hidden_activation") or "gelu_pytorch_tanh"
-      if activation == "gelu":
-        activation = "gelu_pytorch_tanh"
-    else:
-      activation = cfg.get("hidden_activation") or cfg.get("hidden_act")
-    if not activation:
-      raise ConfigError(f"{source}: missing field 'hidden_act' (or 'hidden_activation')")
+    act_key = "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"
+    activation = cfg[act_key] or HF_DEFAULTS[family][act_key]
+    if family == "gemma" and activation == "gelu":
+      activation = "gelu_pytorch_tanh"
 
     layer_types = cfg.get("layer_types")
     sliding_window = cfg.get("sliding_window")
     if family == "gemma2" and not layer_types:
       layer_types = [SLIDING if (i + 1) % 2 else FULL for i in range(num_layers)]
     if family == "gemma3_text" and not layer_types:
-      pattern = int(cfg.get("sliding_window_pattern", 6))
+      pattern = int(cfg.get("sliding_window_pattern") or 6)
       layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
     if family in ("llama", "gemma"):
       layer_types, sliding_window = None, None
@@ -208,31 +248,28 @@ class TrunkConfig:
       raise ConfigError(f"{source}: use_bidirectional_attention=true (an encoder) is not a decoder trunk")
 
     rope = _read_rope(cfg, family, source)
-    query_pre_attn_scalar = cfg.get("query_pre_attn_scalar")
-    if family in ("gemma2", "gemma3_text") and query_pre_attn_scalar is None:
-      query_pre_attn_scalar = 256
-
+    softcapped = family in ("gemma2", "gemma3_text")
     return cls(
         family=family,
-        vocab_size=int(need("vocab_size")),
+        vocab_size=int(cfg["vocab_size"]),
         d_model=d_model,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        ffn_dim=int(need("intermediate_size")),
+        ffn_dim=int(cfg["intermediate_size"]),
         activation=activation,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(cfg["rms_norm_eps"]),
         rope=rope,
         layer_types=layer_types,
         sliding_window=int(sliding_window) if sliding_window else None,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
-        query_pre_attn_scalar=query_pre_attn_scalar,
-        attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" or family == "gemma3_text" else None,
-        final_softcap=cfg.get("final_logit_softcapping") if family in ("gemma2", "gemma3_text") else None,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+        tie_embeddings=bool(cfg["tie_word_embeddings"]),
+        attention_bias=bool(cfg.get("attention_bias") or False),
+        mlp_bias=bool(cfg.get("mlp_bias") or False) if family == "llama" else False,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if softcapped else None,
+        attn_softcap=cfg.get("attn_logit_softcapping") if softcapped else None,
+        final_softcap=cfg.get("final_logit_softcapping") if softcapped else None,
+        max_position_embeddings=int(cfg["max_position_embeddings"]),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
@@ -241,16 +278,7 @@ class TrunkConfig:
   @classmethod
   def from_pretrained(cls, path: str) -> "TrunkConfig":
     """Reads `path/config.json` (or a config.json file path directly)."""
-    file = path if path.endswith(".json") else os.path.join(path, "config.json")
-    if not os.path.isdir(path) and not os.path.isfile(file):
-      raise FileNotFoundError(f"{path}: no such model directory")
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"{file}: missing; a Hugging Face model directory needs config.json")
-    try:
-      with open(file) as f:
-        cfg = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{file}: not valid JSON ({e})") from e
+    cfg, file = read_config_json(path)
     return cls.from_hf_dict(cfg, source=file)
 
   def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:

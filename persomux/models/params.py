@@ -5,6 +5,9 @@ ever unpickled. Each tensor is read, cast straight to the target dtype and
 placed on device one at a time, so loading never holds a second full copy of
 the model in host memory. `hf_name` is the whole mapping from module paths to
 Hugging Face tensor names (weights keep HF's `[out, in]` layout).
+
+`load_model` also takes a `.gguf` file or a shipped model's name; those go
+through `persomux.models.gguf` and `persomux.models.shipped`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from persomux.models.config import TrunkConfig
+from persomux.models import shipped
+from persomux.models.config import TrunkConfig, checkpoint_dtype, read_config_json
 from persomux.models.modeling import LoRAParam, Trunk
 
 
@@ -223,43 +227,63 @@ def _abstract_trunk(cfg: TrunkConfig, dtype, remat: bool) -> Trunk:
   return nnx.eval_shape(lambda: Trunk(cfg, dtype=dtype, rngs=None, remat=remat))
 
 
-def load_trunk(path: str, *, dtype="float32", remat: bool = False,
-               place: Callable[[tuple, np.ndarray, Any], jax.Array] | None = None) -> Trunk:
+Placer = Callable[[tuple, np.ndarray, Any], jax.Array]
+
+
+def build_trunk(cfg: TrunkConfig, fetch: Callable[[tuple, tuple], np.ndarray], *, dtype, remat: bool = False,
+                place: Placer | None = None, progress: Callable | None = None) -> Trunk:
+  """A `Trunk` filled one tensor at a time, never holding two copies of the model.
+
+  Args:
+    fetch: `(module_path, expected_shape) -> host array` of one weight; it
+      raises `CheckpointError` for a missing or misshapen tensor.
+    dtype: parameter dtype; `place` casts each host array to it.
+    place: `(module_path, host_array, target_dtype) -> jax.Array`; default puts
+      the tensor on the default device. The sharded loader passes one that
+      reads only each device's shard.
+    progress: optional wrapper of the tensor iterable (e.g. `tqdm`).
+  """
+  graphdef, state = nnx.split(_abstract_trunk(cfg, jnp.dtype(dtype), remat))
+  place = place or (lambda _, a, dt: jax.device_put(np.asarray(a, dtype=dt)))
+  flat = nnx.to_flat_state(state)
+  values = []
+  for mpath, var in (progress or (lambda x: x))(flat):
+    want = var.get_value()
+    values.append(place(mpath, fetch(mpath, tuple(want.shape)), want.dtype))
+  state = nnx.from_flat_state([(p, v.replace(value)) for (p, v), value in zip(flat, values)])
+  return nnx.merge(graphdef, state)
+
+
+def load_trunk(path: str, *, dtype=None, remat: bool = False, place: Placer | None = None) -> Trunk:
   """Loads the `Trunk` stored in a Hugging Face directory.
 
   Args:
     path: local directory with config.json and safetensors weights.
-    dtype: parameter dtype; every tensor is cast to it as it is read.
+    dtype: parameter dtype; every tensor is cast to it as it is read. None:
+      the checkpoint's own (config.json `dtype` / `torch_dtype`, else float32).
     remat: rematerialize decoder layers in the backward pass.
-    place: `(module_path, host_array, target_dtype) -> jax.Array`; default puts
-      the tensor on the default device. The sharded loader passes one that
-      reads only each device's shard.
+    place: see `build_trunk`.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such model directory")
-  cfg = TrunkConfig.from_pretrained(path)
-  dtype = jnp.dtype(dtype)
+  raw, file = read_config_json(path)
+  cfg = TrunkConfig.from_hf_dict(raw, source=file)
   store = TensorStore(path)
   prefix = _text_prefix(store, cfg)
-  graphdef, state = nnx.split(_abstract_trunk(cfg, dtype, remat))
-  place = place or (lambda _, a, dt: jax.device_put(np.asarray(a, dtype=dt)))
-  flat = nnx.to_flat_state(state)
-  values = []
-  for mpath, var in flat:
-    want = var.get_value()
+
+  def fetch(mpath, shape):
     name = hf_name(mpath, cfg, prefix)
     if name == "lm_head.weight" and name not in store and "language_model.lm_head.weight" in store:
       name = "language_model.lm_head.weight"
     if name not in store:
-      raise CheckpointError(f"{path}: tensor {name!r} is missing (needed for {cfg.family}, "
-                            f"shape {tuple(want.shape)})")
+      raise CheckpointError(f"{path}: tensor {name!r} is missing (needed for {cfg.family}, shape {shape})")
     arr = store.get(name)
-    if tuple(arr.shape) != tuple(want.shape):
+    if tuple(arr.shape) != shape:
       raise CheckpointError(f"{store.file_of(name)}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                            f"expected {tuple(want.shape)} from config.json")
-    values.append(place(mpath, arr, want.dtype))
-  state = nnx.from_flat_state([(p, v.replace(value)) for (p, v), value in zip(flat, values)])
-  return nnx.merge(graphdef, state)
+                            f"expected {shape} from config.json")
+    return arr
+
+  return build_trunk(cfg, fetch, dtype=dtype or checkpoint_dtype(raw), remat=remat, place=place)
 
 
 def load_tokenizer(path: str):
@@ -273,19 +297,56 @@ def load_tokenizer(path: str):
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load_model(path: str, *, dtype="float32", tokenizer: bool = True, remat: bool = False, mesh=None):
-  """Loads a frozen trunk and its tokenizer from a local Hugging Face directory.
+def _resolve(path) -> str:
+  """A shipped model's name -> its GGUF file; anything else as given."""
+  path = os.fspath(path)
+  return shipped.resolve(path) if path in shipped.NAMES else path
 
-  Returns `(model, tokenizer)`; `tokenizer` is None when `tokenizer=False`.
-  With a `mesh`, each weight is read straight into its shards (see
-  `persomux.sharding`).
+
+def _is_gguf(path: str) -> bool:
+  return path.endswith(".gguf") and not os.path.isdir(path)
+
+
+def load_config(path: str) -> TrunkConfig:
+  """The `TrunkConfig` of anything `load_model` takes (no weights are read)."""
+  path = _resolve(path)
+  if _is_gguf(path):
+    from persomux.models import gguf
+
+    return gguf.GGUFFile(path).config
+  return TrunkConfig.from_pretrained(path)
+
+
+def load_model(path: str, *, dtype=None, tokenizer: bool = True, remat: bool = False, mesh=None):
+  """Loads a frozen trunk and its tokenizer.
+
+  Args:
+    path: a local Hugging Face directory, a `.gguf` file (llama.cpp's format,
+      dequantized on load), or the name of a shipped model
+      (`persomux.models.shipped.NAMES`: "smollm2-135m-instruct", "gemma3-270m").
+    dtype: parameter dtype, e.g. "bfloat16". None (or ""): the checkpoint's
+      own; float32 for GGUF files, whose quantized weights have no float type.
+    tokenizer: also load the tokenizer (from the GGUF metadata for GGUF files).
+    remat: rematerialize decoder layers in the backward pass.
+    mesh: read each weight straight into its shards (see `persomux.sharding`).
+
+  Returns:
+    `(model, tokenizer)`; `tokenizer` is None when `tokenizer=False`.
   """
   place = None
   if mesh is not None:
     from persomux import sharding
 
     place = sharding.shard_placer(mesh)
-  model = load_trunk(path, dtype=dtype, remat=remat, place=place)
+  path = _resolve(path)
+  if _is_gguf(path):
+    from persomux.models import gguf
+
+    return gguf.load(path, dtype=dtype or None, tokenizer=tokenizer, remat=remat, place=place)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such model directory, .gguf file or shipped model name "
+                            f"({', '.join(shipped.NAMES)})")
+  model = load_trunk(path, dtype=dtype or None, remat=remat, place=place)
   return model, (load_tokenizer(path) if tokenizer else None)
 
 
