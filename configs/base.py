@@ -28,13 +28,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.prompt.code_tokens = 8  # k
   c.prompt.bias_tokens = 12  # l
   c.prompt.soft_prompt_tokens = 8  # SoftPrompt baseline length
-  c.prompt.init_std = 0.02
+  # Scale of the random init of W, b and soft prompts; 0 = the trunk's own embedding scale
+  # (stages.embedding_std). Much smaller soft tokens learn slowly: with m = 0, W gets no gradient
+  # and m a gradient proportional to W.
+  c.prompt.init_std = 0.0
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.batch_size = 8
   c.pretrain.warmup_epochs = 1  # bias-only epochs before joint training
   c.pretrain.epochs = 1  # joint epochs
   c.pretrain.learning_rate = 1e-3
+  c.pretrain.joint_learning_rate = 0.0  # learning rate of the joint phase; 0 = learning_rate
+  # "gradients": after the warmup, point the codes along the directions in which the
+  # classes' code-slot gradients differ (train.init_codebook_from_gradients); "random": keep the init.
+  c.pretrain.codebook_init = "random"
   c.pretrain.schedule = "constant"
   c.pretrain.warmup_steps = 0
   c.pretrain.clip_norm = 1.0

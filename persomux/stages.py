@@ -11,11 +11,13 @@ Workdir layout:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -121,17 +123,31 @@ def _eval_batches(examples, config) -> list[dict]:
 # --- prompt state on disk ---------------------------------------------------------------
 
 
-def build_prompt(method: str, num_classes: int, d_model: int, pc: dict, seed: int):
+def embedding_std(trunk) -> float:
+  """Standard deviation of the trunk's input embeddings as `Trunk.embed` returns
+  them (Gemma's sqrt(d) scale included)."""
+  table = trunk.embed_tokens[...]
+  return float(jnp.std(table.astype(jnp.float32))) * trunk.config.embed_scale
+
+
+def init_std(trunk, pc: dict) -> float:
+  """`prompt.init_std`, where 0 means "the trunk's own embedding scale" (`embedding_std`)."""
+  return float(pc["init_std"]) if pc["init_std"] > 0 else embedding_std(trunk)
+
+
+def build_prompt(method: str, num_classes: int, d_model: int, pc: dict, seed: int, std: float | None = None):
+  """A fresh prompt module; `std` (default `pc["init_std"]`) is the scale of its random init."""
   rngs = nnx.Rngs(seed)
+  std = pc["init_std"] if std is None else std
   sizes = dict(num_codes=pc["num_codes"], code_tokens=pc["code_tokens"], bias_tokens=pc["bias_tokens"],
-               init_std=pc["init_std"], rngs=rngs)
+               init_std=std, rngs=rngs)
   if method == "persona_mux":
     return prompts_lib.PersonaMux(num_classes, d_model, **sizes)
   if method == "random_codebook":
     return prompts_lib.RandomCodebook(num_classes, d_model, **sizes)
   if method == "soft_prompt":
     return prompts_lib.SoftPrompt(num_classes, d_model, num_tokens=pc["soft_prompt_tokens"],
-                                  init_std=pc["init_std"], rngs=rngs)
+                                  init_std=std, rngs=rngs)
   raise ValueError(f"prompt method {method!r} is unknown; expected one of {', '.join(METHODS)}")
 
 
@@ -196,7 +212,8 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   config, records, split, fmt, counts = _stage_inputs(config, workdir, tokenizer, records)
   tr, te = make_examples(records, split.pretrain, fmt, config, "max_per_class_pretrain", counts)
   pc, tc = config["prompt"], config["pretrain"]
-  prompt = build_prompt(method, len(split.pretrain), trunk.config.d_model, pc, config["seed"])
+  prompt = build_prompt(method, len(split.pretrain), trunk.config.d_model, pc, config["seed"],
+                        init_std(trunk, pc))
   buckets = data_lib.default_buckets(config["data"]["max_len"])
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   src = data_lib.ShuffledBatches(tr, tc["batch_size"], seed=config["seed"], buckets=buckets, pad_id=pad,
@@ -209,7 +226,16 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   phases = []
   if method in ("persona_mux", "random_codebook") and tc["warmup_epochs"]:
     phases.append(train.Phase("warmup", prompts_lib.Bias, src, tc["warmup_epochs"] * spe, optim))
-  phases.append(train.Phase("joint", prompts_lib.PromptParam, src, tc["epochs"] * spe, optim))
+  start = None
+  if method == "persona_mux" and tc.get("codebook_init", "random") == "gradients":
+    def start():
+      info = train.init_codebook_from_gradients(trunk, prompt, src, seed=config["seed"], mesh=mesh)
+      train.MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(event="codebook_init", stage="pretrain",
+                                                                      **info)
+  elif tc.get("codebook_init", "random") not in ("random", "gradients"):
+    raise ValueError(f"pretrain.codebook_init={tc['codebook_init']!r}: expected 'gradients' or 'random'")
+  joint = dataclasses.replace(optim, learning_rate=tc.get("joint_learning_rate") or optim.learning_rate)
+  phases.append(train.Phase("joint", prompts_lib.PromptParam, src, tc["epochs"] * spe, joint, start=start))
   test_batches = _eval_batches(te, config) if te else []
   eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches), split.pretrain)) \
       if test_batches else None
@@ -250,7 +276,7 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   tr, te = make_examples(records, split.finetune, fmt, config, "max_per_class_finetune", counts)
   pc, fc = config["prompt"], config["finetune"]
   d = trunk.config.d_model
-  prompt = build_prompt(method, len(split.finetune), d, pc, config["seed"] + 1)
+  prompt = build_prompt(method, len(split.finetune), d, pc, config["seed"] + 1, init_std(trunk, pc))
   if method in ("persona_mux", "random_codebook"):
     base, _ = load_prompt(workdir, codebook_from, d)
     prompt.bias[...] = base.bias[...]

@@ -182,3 +182,41 @@ def test_remat_gives_the_same_loss_and_gradients(trunk):
   assert float(l1) == pytest.approx(float(l2), rel=1e-6)
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(nnx.to_pure_dict(g2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_codebook_from_gradients_spans_each_class_gradient(trunk):
+  """The codes span the classes' own code-slot gradients (computed one class at a
+  time with plain jax.grad, an independent reference), minus their mean."""
+  data = RandomBatches(steps=3)
+  pm = new_prompt()
+  rms = float(np.sqrt(np.mean(np.square(np.asarray(pm.codebook[...])))))
+  info = train.init_codebook_from_gradients(trunk, pm, data)
+  assert info["codes_from_gradients"] == NUM_CLASSES - 1  # centered: one direction goes to the bias
+  codes = np.asarray(pm.codebook[...]).reshape(pm.num_codes, -1)
+  np.testing.assert_allclose(np.sqrt(np.mean(codes ** 2)), rms, rtol=1e-5)  # only directions change
+  np.testing.assert_allclose(np.asarray(pm.mixtures[...]), 0.0)
+
+  k, bias = pm.code_tokens, pm.bias[...]
+
+  def class_loss(slots, batch, c):
+    rows = batch["class_ids"] == c
+    soft = jnp.concatenate([jnp.broadcast_to(bias, (len(rows),) + bias.shape),
+                            jnp.broadcast_to(slots, (len(rows),) + slots.shape)], axis=1)
+    embeds, mask, positions, index = prompts.splice(trunk.embed(batch["input_ids"]), batch["attention_mask"],
+                                                     soft, jnp.full(len(rows), soft.shape[1]), batch["soft_index"])
+    logits = trunk(inputs_embeds=embeds, attention_mask=mask, positions=positions)
+    logp = jax.nn.log_softmax(logits, -1)
+    pred = jnp.take_along_axis(logp, jnp.maximum(index - 1, 0)[..., None], axis=1)
+    nll = -jnp.take_along_axis(pred, batch["input_ids"][..., None], axis=-1)[..., 0]
+    m = batch["loss_mask"] * (jnp.arange(batch["input_ids"].shape[1]) > 0) * rows[:, None]
+    return (nll * m).sum()
+
+  g = []
+  for c in range(NUM_CLASSES):
+    gc = sum(np.asarray(jax.grad(class_loss)(jnp.zeros((k, 32)), data.batch(0, i), c)) for i in range(3))
+    g.append(gc.reshape(-1) / np.linalg.norm(gc))
+  g = np.stack(g)
+  g -= g.mean(0)
+  basis = codes[:NUM_CLASSES - 1] / np.linalg.norm(codes[:NUM_CLASSES - 1], axis=1, keepdims=True)
+  residual = g - g @ basis.T @ basis
+  assert np.linalg.norm(residual) < 1e-4 * np.linalg.norm(g)
