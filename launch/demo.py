@@ -1,21 +1,21 @@
-r"""The embedded demo: Persona-Mux end to end on a synthetic persona population.
+r"""The embedded demo: Persona-Mux end to end on a real instruct model.
 
-  python launch/demo.py --workdir=runs/demo
+  python launch/demo.py --workdir=runs/demo                                  # SmolLM2-135M-Instruct
+  python launch/demo.py --workdir=runs/toy --config=configs/demo_toy.py      # toy trunk, for quick checks
 
-1. Generates a persona corpus with hidden structure (persomux.synthetic).
-2. Trains a small Llama-architecture base model on the pretraining
-   personas' text (cached in WORKDIR/base_model, written with save_model and
-   reloaded with load_model), then freezes it.
-3. Stage 1: pretrains a codebook on ~200 personas.
-4. Stage 2: learns 20 unseen personas from 20 examples each with
-   persona_mux (mixtures only), random_codebook and soft_prompt; trains
-   the LoRA baseline.
-5. Runs a reduced version of the paper's evaluation (persomux.evaluation):
-   test loss, judge generation loss, discrimination, loss improvement,
-   parameters, embedding diversity/fidelity and the bias sweep, for base,
-   ICL, LoRA, soft_prompt, random_codebook and persona_mux at full, half and
-   no bias. Writes WORKDIR/report.md, report.json and plots, and prints the
-   tables.
+1. Generates a seeded persona population with hidden styles: natural English
+   replies to user messages (persomux.personas_en), or the toy-vocabulary
+   population (persomux.synthetic) with `corpus_kind="synthetic"`.
+2. Loads the frozen trunk: `model_dir` (the shipped SmolLM2-135M-Instruct
+   GGUF by default). The toy config instead trains a small base model on the
+   pretraining personas' text (cached in WORKDIR/base_model).
+3. Stage 1: pretrains a codebook on the pretraining personas.
+4. Stage 2: learns the unseen personas with persona_mux (mixtures only),
+   random_codebook and soft_prompt (and the LoRA baseline where the config
+   lists it).
+5. Runs a reduced version of the paper's evaluation (persomux.evaluation) and
+   prints WORKDIR/report.md (also report.json and plots), with each method's
+   replies for two unseen personas to the same message.
 
 Every stage resumes from WORKDIR if the run is interrupted.
 """
@@ -81,6 +81,18 @@ def base_model(cfg, workdir, records, split, mesh=None):
   return persomux.load_model(path, dtype=cfg.dtype, mesh=mesh)
 
 
+def make_corpus(cfg) -> list[dict]:
+  """The demo's persona population (`cfg.corpus_kind`: "personas_en" or "synthetic")."""
+  from persomux import personas_en, synthetic
+
+  cc = cfg.corpus.to_dict()
+  if cfg.corpus_kind == "synthetic":
+    return synthetic.make_corpus(synthetic.SyntheticCorpusConfig(**cc))
+  if cfg.corpus_kind == "personas_en":
+    return personas_en.make_corpus(personas_en.PersonaPopulationConfig(**cc))
+  raise app.UsageError(f"--config.corpus_kind={cfg.corpus_kind!r}: expected personas_en or synthetic")
+
+
 def main(argv):
   del argv
 
@@ -92,20 +104,23 @@ def main(argv):
   mesh = common.setup(cfg)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  cc = cfg.corpus
-  corpus = synthetic.make_corpus(synthetic.SyntheticCorpusConfig(
-      num_personas=cc.num_personas, examples_per_persona=cc.examples_per_persona, seed=cc.seed,
-      style_strength=cc.style_strength))
   data_path = os.path.join(workdir, "corpus.jsonl")
-  synthetic.write_jsonl(corpus, data_path)
+  synthetic.write_jsonl(make_corpus(cfg), data_path)
   cfg.data.path = data_path
   records, _ = data_lib.load_records(data_path)
   split = stages.Split.make(records, cfg.to_dict(), workdir)
   print(f"corpus: {len(records)} records, {len(split.pretrain)} pretraining personas, "
         f"{len(split.finetune)} unseen personas")
 
-  trunk, tokenizer = base_model(cfg, workdir, records, split, mesh)
-  cfg.model_dir = os.path.join(workdir, "base_model")
+  if cfg.corpus_kind == "synthetic":
+    trunk, tokenizer = base_model(cfg, workdir, records, split, mesh)
+    cfg.model_dir = os.path.join(workdir, "base_model")
+  else:
+    import persomux
+
+    trunk, tokenizer = persomux.load_model(cfg.model_dir, dtype=cfg.dtype or None, mesh=mesh)
+    print(f"trunk: {cfg.model_dir} ({trunk.config.family}, {trunk.config.num_layers} layers, "
+          f"d={trunk.config.d_model}, vocab {trunk.config.vocab_size}), loaded in {time.time() - t0:.0f} s")
   stages.save_run(cfg, workdir)
 
   pre = stages.pretrain(cfg, workdir, trunk, tokenizer, records, mesh=mesh)
@@ -117,11 +132,12 @@ def main(argv):
   except ImportError as e:
     print(f"embedding metrics skipped: {e}")
     embedder = None
-  rep = evaluation.evaluate_run(cfg, workdir, trunk, tokenizer, records, embedder=embedder, mesh=mesh)
+  rep = evaluation.evaluate_run(cfg, workdir, trunk, tokenizer, records, embedder=embedder, mesh=mesh,
+                                trunk_name=cfg.model_dir)
   with open(os.path.join(workdir, "report.md")) as f:
     print("\n" + f.read())
-  print(f"wrote report.md, report.json, loss_curves.png, mixtures.png and bias_sweep.png to {workdir} "
-        f"in {time.time() - t0:.0f} s")
+  print(f"wrote report.md, report.json, loss_curves.png, mixtures.png and bias_sweep.png to {workdir}")
+  print(f"demo time: {time.time() - t0:.0f} s")
   del rep
 
 

@@ -286,14 +286,32 @@ def _csv(v, cast=str) -> list:
   return [cast(x.strip()) for x in str(v).split(",") if x.strip()]
 
 
+def showcase_items(test: Sequence[data_lib.Record], classes: Sequence[str], num_classes: int = 2) -> list[Item]:
+  """One context put to `num_classes` held-out classes: the first test context of
+  the first class, and each class's first test reply as its real text. Shows
+  side by side how methods tell personas apart."""
+  by = data_lib.by_class(test)
+  have = [c for c in classes if c in by][:num_classes]
+  if not have:
+    return []
+  context = by[have[0]][0].context
+  items = []
+  for cls in have:
+    rs = by[cls]
+    items.append(Item(cls, classes.index(cls), context, rs[0].persona, rs[0].text))
+  return items
+
+
 def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=None, judge_name=None,
-                 embedder=None, progress: bool = True, mesh=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 embedder=None, progress: bool = True, mesh=None, log: Callable[[str], None] = print,
+                 trunk_name: str | None = None) -> dict[str, Any]:
   """Trains what `workdir` lacks, evaluates every method and writes the report.
 
   Args:
     config: the run's config (with `eval` and `lora` sections; see configs/base.py).
     judge: `(model, tokenizer)` of the judge LM; default: the trunk itself.
     judge_name: how the report names the judge (e.g. its path).
+    trunk_name: how the report names the trunk (default: `config["model_dir"]`).
     embedder: `texts -> [N, D]` unit-norm embeddings, or None to skip the embedding metrics.
 
   Returns the report dict (also written as `report.json`).
@@ -351,7 +369,9 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
 
   items = generation_items(te_records, split.finetune, ec["generation_classes"], ec["prompts_per_class"],
                            ec["seed"])
-  test_loss, generations = {}, {}
+  showcase = showcase_items(te_records, split.finetune)
+  real_ctx = {c: rs[0].context for c, rs in data_lib.by_class(te_records).items()}
+  test_loss, generations, shown = {}, {}, {}
   bar = tqdm(variants.items(), desc="eval methods", disable=not progress, dynamic_ncols=True)
   for name, (module, scale, personas, with_lora) in bar:
     bar.set_postfix(method=name)
@@ -372,6 +392,10 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
           trunk, tokenizer, fmt, items, module=module, bias_scale=scale, personas=personas,
           max_new_tokens=ec["max_new_tokens"], temperature=ec["temperature"], top_k=ec["top_k"],
           seed=ec["seed"], batch_size=ec["batch_size"])
+      # Greedy, so the side-by-side replies are reproducible and each method's likeliest answer.
+      shown[name] = generate_for(trunk, tokenizer, fmt, showcase, module=module, bias_scale=scale,
+                                 personas=personas, max_new_tokens=ec["max_new_tokens"], temperature=0.0,
+                                 batch_size=ec["batch_size"])
     finally:
       if with_lora:
         lora_lib.detach(trunk)
@@ -428,7 +452,7 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
       "bias_sweep": {str(s): {"test_loss": test_loss.get(sweep_name(s)),
                               "generation_loss": generation_loss.get(sweep_name(s))}
                      for s in scales if "persona_mux" in methods},
-      "setup": {"classes": len(split.finetune), "test_examples": len(test_ex),
+      "setup": {"trunk": trunk_name or config["model_dir"], "classes": len(split.finetune), "test_examples": len(test_ex),
                 "test_tokens": int(sum(b["loss_mask"].sum() for b in test_batches)),
                 "generation_classes": len({it.cls for it in items}), "generations_per_method": len(items),
                 "discrimination_mode": ec["discrimination"], "discrimination_trials": n_trials,
@@ -437,6 +461,9 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
                 "truncated": dict(counts)},
       "samples": [{"class": it.cls, "context": it.context, "real": it.real,
                    "generations": {n: g[i] for n, g in generations.items()}} for i, it in enumerate(items)],
+      "showcase": {"context": showcase[0].context if showcase else None,
+                   "personas": [{"class": it.cls, "real": it.real, "real_context": real_ctx[it.cls],
+                                 "replies": {n: g[i] for n, g in shown.items()}} for i, it in enumerate(showcase)]},
   }
   if jax.process_index() == 0:  # every process computed the same report; one writes it
     report_lib.write(workdir, rep, mixtures=_mixtures(tuned, workdir, trunk.config.d_model, stages))

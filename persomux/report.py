@@ -94,6 +94,12 @@ def markdown(rep: dict[str, Any]) -> str:
             _table(["bias scale", "test loss", "generation loss"],
                    [[k, _fmt(v["test_loss"]), _fmt(v["generation_loss"])] for k, v in rep["bias_sweep"].items()]), ""]
   out += ["Plots: `loss_curves.png`, `mixtures.png`, `bias_sweep.png`.", ""]
+  show = rep.get("showcase") or {}
+  if show.get("personas"):
+    out += ["## Two unseen personas, one message (greedy replies)", "", f"User: {show['context']!r}", ""]
+    for p in show["personas"]:
+      out += [f"**{p['class']}** (one of their real test replies: {p['real']!r} to {p['real_context']!r})", ""]
+      out += [f"- {label(m)}: {g!r}" for m, g in p["replies"].items()] + [""]
   if rep.get("samples"):
     smp = rep["samples"][0]
     out += [f"## A sample ({smp['class']})", "", f"Prompt context: {smp['context']!r}", "",
