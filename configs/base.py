@@ -38,10 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain.warmup_epochs = 1  # bias-only epochs before joint training
   c.pretrain.epochs = 1  # joint epochs
   c.pretrain.learning_rate = 1e-3
-  c.pretrain.joint_learning_rate = 0.0  # learning rate of the joint phase; 0 = learning_rate
-  # "gradients": after the warmup, point the codes along the directions in which the
-  # classes' code-slot gradients differ (train.init_codebook_from_gradients); "random": keep the init.
-  c.pretrain.codebook_init = "random"
   c.pretrain.schedule = "constant"
   c.pretrain.warmup_steps = 0
   c.pretrain.clip_norm = 1.0

@@ -11,7 +11,6 @@ Workdir layout:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 from typing import Any
@@ -226,16 +225,7 @@ def pretrain(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   phases = []
   if method in ("persona_mux", "random_codebook") and tc["warmup_epochs"]:
     phases.append(train.Phase("warmup", prompts_lib.Bias, src, tc["warmup_epochs"] * spe, optim))
-  start = None
-  if method == "persona_mux" and tc.get("codebook_init", "random") == "gradients":
-    def start():
-      info = train.init_codebook_from_gradients(trunk, prompt, src, seed=config["seed"], mesh=mesh)
-      train.MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(event="codebook_init", stage="pretrain",
-                                                                      **info)
-  elif tc.get("codebook_init", "random") not in ("random", "gradients"):
-    raise ValueError(f"pretrain.codebook_init={tc['codebook_init']!r}: expected 'gradients' or 'random'")
-  joint = dataclasses.replace(optim, learning_rate=tc.get("joint_learning_rate") or optim.learning_rate)
-  phases.append(train.Phase("joint", prompts_lib.PromptParam, src, tc["epochs"] * spe, joint, start=start))
+  phases.append(train.Phase("joint", prompts_lib.PromptParam, src, tc["epochs"] * spe, optim))
   test_batches = _eval_batches(te, config) if te else []
   eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches), split.pretrain)) \
       if test_batches else None

@@ -125,76 +125,6 @@ def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale
           "tokens": int(total)}
 
 
-# --- codebook initialization ------------------------------------------------------------
-
-
-@nnx.jit
-def _slot_grads(trunk, probe, batch):
-  """Gradient of the summed token loss w.r.t. each class's code slots `[classes, k, d]`."""
-  diff = nnx.DiffState(0, prompts_lib.ClassPrompts)
-
-  def total(p):
-    nll, _ = token_nll(trunk, p, batch)
-    return nll.sum()
-
-  return nnx.grad(total, argnums=diff)(probe)["prompts"][...]
-
-
-def init_codebook_from_gradients(trunk, prompt, data: BatchSource, seed: int = 0, mesh=None) -> dict[str, float]:
-  """Points the codebook W of `prompt` (a PersonaMux with m = 0, after the
-  bias warmup) along the directions in which the classes differ.
-
-  For every class c, g_c `[k * d]` is the gradient of its training loss with
-  respect to its k code-token slots, at the current bias and zero code
-  tokens (one pass over `data`, no update): where that class wants its
-  persona tokens to go. The shared mean is left to the bias; the top right
-  singular vectors of the centered, per-class-normalized G `[classes, k * d]`
-  become the codes, one each, in order of how much of the classes'
-  disagreement they explain; codes beyond the rank of G stay random,
-  orthogonal to them. Every code keeps the codebook's current per-coordinate
-  RMS, so only directions change. With m = 0 this changes nothing the
-  model computes; it decides which directions the joint phase (and stage 2)
-  can move persona tokens in. Returns the explained-variance share of the
-  codes.
-  """
-  n, k, d = prompt.codebook.shape
-  bias = prompt.bias[...]
-  classes = prompt.mixtures.shape[0]
-  probe = prompts_lib.SoftPrompt(classes, d, num_tokens=bias.shape[0] + k, rngs=nnx.Rngs(0))
-  probe.prompts[...] = jnp.concatenate(
-      [jnp.broadcast_to(bias, (classes,) + bias.shape), jnp.zeros((classes, k, d), jnp.float32)], axis=1)
-  if mesh is not None:
-    from persomux import sharding
-
-    sharding.shard_module(probe, mesh)
-  g = np.zeros((classes, k * d), np.float64)
-  for i in range(data.steps_per_epoch()):
-    batch = data.batch(0, i)
-    if mesh is not None:
-      batch = sharding.shard_batch(batch, mesh)
-    grad = _slot_grads(trunk, probe, batch)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      grad = multihost_utils.process_allgather(grad, tiled=True)
-    g += np.asarray(grad)[:, -k:].reshape(classes, k * d)
-  seen = np.linalg.norm(g, axis=1) > 0
-  g = g[seen] / np.linalg.norm(g[seen], axis=1, keepdims=True)
-  g -= g.mean(0)
-  _, sv, vt = np.linalg.svd(g, full_matrices=False)
-  rank = int(min(n, (sv > 1e-6 * max(sv.max(initial=0.0), 1e-30)).sum()))
-  rng = np.random.default_rng(seed)
-  extra = rng.standard_normal((n - rank, k * d))
-  if rank:
-    extra -= extra @ vt[:rank].T @ vt[:rank]
-  codes = np.concatenate([vt[:rank], extra], axis=0)
-  codes /= np.linalg.norm(codes, axis=1, keepdims=True)
-  rms = float(np.sqrt(np.mean(np.square(np.asarray(prompt.codebook[...])))))
-  prompt.codebook[...] = jnp.asarray((codes * rms * np.sqrt(k * d)).reshape(n, k, d), jnp.float32)
-  explained = float((sv[:rank] ** 2).sum() / max((sv ** 2).sum(), 1e-30))
-  return {"codes_from_gradients": rank, "explained": explained}
-
-
 # --- optimizer ----------------------------------------------------------------------
 
 
@@ -247,11 +177,6 @@ class Phase:
   data: BatchSource
   steps: int
   optim: OptimConfig
-  # Called once before the phase's first step (not when a run resumes inside
-  # the phase): e.g. a data-driven initialization of what the phase trains.
-  # It must be deterministic, so a run killed before the phase's first
-  # checkpoint redoes it identically.
-  start: Callable[[], None] | None = None
 
 
 class MetricsLog:
@@ -343,11 +268,7 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
     if pi == resume_phase and resume_opt is not None:
       opt, first = resume_opt, resume_step
     else:
-      opt, first = None, 0
-    if first == 0 and phase.steps and phase.start is not None:
-      phase.start()
-    if opt is None:
-      opt = nnx.Optimizer(owner, make_tx(phase.optim, phase.steps), wrt=phase.wrt)
+      opt, first = nnx.Optimizer(owner, make_tx(phase.optim, phase.steps), wrt=phase.wrt), 0
     for module in (trunk, prompt, opt):
       if module is not None:
         _commit(module, mesh)
