@@ -63,6 +63,8 @@ import random
 import re
 from typing import Any, NamedTuple
 
+from persomux.synthetic import Factor, deal_world, draw_compositions, persona_name, preferred
+
 REGISTERS = ("formal", "casual", "slangy", "old-fashioned")
 STANCES = ("enthusiastic", "grumpy", "anxious", "dry")
 LENGTHS = ("terse", "medium", "long")
@@ -475,19 +477,6 @@ class PersonaPopulationConfig:
           f"{self.values_per_attribute ** self.num_attributes} when unique_compositions=True")
 
 
-class _Factor(NamedTuple):
-  """One style factor of the hidden mapping."""
-
-  name: str
-  options: tuple
-  # "choice": sampled per use with `style_strength` towards the preferred
-  # option; "fixed": the preferred option is the persona's value (a rate, a casing).
-  kind: str
-  attributes: tuple[int, ...]
-  # Option index for each joint value of `attributes`, in mixed radix.
-  table: tuple[int, ...]
-
-
 _RATES = (0.3, 0.6, 0.9)
 # Jointly controlled by two attributes: a register or stance is a composition,
 # and the many-option signatures are not shared by every persona with one value.
@@ -518,45 +507,17 @@ def _factor_specs() -> list[tuple[str, tuple, str]]:
   return specs
 
 
-def _world(cfg: PersonaPopulationConfig) -> tuple[_Factor, ...]:
+def _world(cfg: PersonaPopulationConfig) -> tuple[Factor, ...]:
   """The hidden mapping from attribute values to style; depends only on the seed, sizes and `vague_factor`."""
   rng = random.Random(f"persomux.personas_en:{cfg.seed}:{cfg.num_attributes}:{cfg.values_per_attribute}:"
                       f"{cfg.pair_fraction}:{cfg.vague_factor}:world")
-  a, v = cfg.num_attributes, cfg.values_per_attribute
-  specs = _factor_specs()
-  rng.shuffle(specs)
-  # Primary controllers are dealt round-robin so every attribute controls
-  # about len(specs) / a factors.
-  order = list(range(a))
-  rng.shuffle(order)
-  factors = []
-  for i, (name, options, kind) in enumerate(specs):
-    attrs = [order[i % a]]
-    paired = name in _ALWAYS_PAIRED or rng.random() < cfg.pair_fraction
-    if a >= 2 and paired and name != cfg.vague_factor:
-      attrs.append(rng.choice([x for x in range(a) if x != attrs[0]]))
-    # Balanced table: each option is used about equally, and a factor with
-    # enough options gives every joint value its own option.
-    base = list(range(len(options)))
-    rng.shuffle(base)
-    table = [base[k % len(base)] for k in range(v ** len(attrs))]
-    rng.shuffle(table)
-    factors.append(_Factor(name, tuple(options), kind, tuple(sorted(attrs)), tuple(table)))
-  return tuple(sorted(factors, key=lambda f: f.name))
+  a = cfg.num_attributes
 
+  def paired(name):
+    wanted = name in _ALWAYS_PAIRED or rng.random() < cfg.pair_fraction
+    return a >= 2 and wanted and name != cfg.vague_factor
 
-def _preferred(world: tuple[_Factor, ...], composition: tuple[int, ...], v: int) -> dict[str, Any]:
-  style = {}
-  for f in world:
-    key = 0
-    for attr in f.attributes:
-      key = key * v + composition[attr]
-    style[f.name] = f.options[f.table[key]]
-  return style
-
-
-def persona_name(index: int) -> str:
-  return f"persona_{index:04d}"
+  return deal_world(rng, _factor_specs(), a, cfg.values_per_attribute, paired)
 
 
 def persona_compositions(cfg: PersonaPopulationConfig) -> dict[str, tuple[int, ...]]:
@@ -568,16 +529,8 @@ def persona_compositions(cfg: PersonaPopulationConfig) -> dict[str, tuple[int, .
   """
   rng = random.Random(f"persomux.personas_en:{cfg.seed}:{cfg.num_attributes}:{cfg.values_per_attribute}:"
                       "compositions")
-  seen = set()
-  out = {}
-  for i in range(cfg.num_personas):
-    while True:
-      comp = tuple(rng.randrange(cfg.values_per_attribute) for _ in range(cfg.num_attributes))
-      if not cfg.unique_compositions or comp not in seen:
-        break
-    seen.add(comp)
-    out[persona_name(i)] = comp
-  return out
+  return draw_compositions(rng, cfg.num_personas, cfg.num_attributes, cfg.values_per_attribute,
+                           cfg.unique_compositions)
 
 
 def describe_style(cfg: PersonaPopulationConfig, persona: int | str | tuple[int, ...]) -> dict[str, Any]:
@@ -603,7 +556,7 @@ def describe_style(cfg: PersonaPopulationConfig, persona: int | str | tuple[int,
         isinstance(x, int) and 0 <= x < cfg.values_per_attribute for x in composition):
       raise ValueError(f"describe_style composition: expected {cfg.num_attributes} ints in "
                        f"[0, {cfg.values_per_attribute}), got {persona!r}")
-  return _preferred(_world(cfg), composition, cfg.values_per_attribute)
+  return preferred(_world(cfg), composition, cfg.values_per_attribute)
 
 
 def _expand(text: str) -> str:
@@ -763,7 +716,7 @@ def make_corpus(cfg: PersonaPopulationConfig = PersonaPopulationConfig()) -> lis
   world = _world(cfg)
   records = []
   for i, (name, comp) in enumerate(persona_compositions(cfg).items()):
-    style = _preferred(world, comp, cfg.values_per_attribute)
+    style = preferred(world, comp, cfg.values_per_attribute)
     persona = vague_text(cfg, style) if cfg.persona_text == "vague" else None
     rng = random.Random(f"persomux.personas_en:{cfg.seed}:examples:{i}")
     speaker = _Speaker(style, cfg.style_strength, rng)

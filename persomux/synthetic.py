@@ -192,7 +192,7 @@ class SyntheticCorpusConfig:
           f"{self.values_per_attribute ** self.num_attributes} when unique_compositions=True")
 
 
-class _Factor(NamedTuple):
+class Factor(NamedTuple):
   """One style factor of the hidden mapping."""
 
   name: str
@@ -225,12 +225,13 @@ def _factor_specs() -> list[tuple[str, tuple, str]]:
   return specs
 
 
-def _world(cfg: SyntheticCorpusConfig) -> tuple[_Factor, ...]:
-  """The hidden mapping from attribute values to style; depends only on the seed and sizes."""
-  rng = random.Random(f"persomux.synthetic:{cfg.seed}:{cfg.num_attributes}:{cfg.values_per_attribute}:"
-                      f"{cfg.pair_fraction}:world")
-  a, v = cfg.num_attributes, cfg.values_per_attribute
-  specs = _factor_specs()
+def deal_world(rng: random.Random, specs: list[tuple[str, tuple, str]], num_attributes: int,
+               values_per_attribute: int, paired) -> tuple[Factor, ...]:
+  """A hidden mapping: each style factor of `specs` (`(name, options, kind)`,
+  shuffled here) gets a controlling attribute, a second one when
+  `paired(name)` says so, and a balanced random table from their joint values
+  to an option. Shared by every population in persomux."""
+  a, v = num_attributes, values_per_attribute
   rng.shuffle(specs)
   # Primary controllers are dealt round-robin so every attribute controls
   # about len(specs) / a factors.
@@ -239,20 +240,28 @@ def _world(cfg: SyntheticCorpusConfig) -> tuple[_Factor, ...]:
   factors = []
   for i, (name, options, kind) in enumerate(specs):
     attrs = [order[i % a]]
-    if a >= 2 and rng.random() < cfg.pair_fraction:
+    if paired(name):
       attrs.append(rng.choice([x for x in range(a) if x != attrs[0]]))
-    keys = v ** len(attrs)
-    # Balanced table: each option is used about equally, and a one-attribute
-    # factor with enough options gives every value its own option.
+    # Balanced table: each option is used about equally, and a factor with
+    # enough options gives every joint value its own option.
     base = list(range(len(options)))
     rng.shuffle(base)
-    table = [base[k % len(base)] for k in range(keys)]
+    table = [base[k % len(base)] for k in range(v ** len(attrs))]
     rng.shuffle(table)
-    factors.append(_Factor(name, tuple(options), kind, tuple(sorted(attrs)), tuple(table)))
+    factors.append(Factor(name, tuple(options), kind, tuple(sorted(attrs)), tuple(table)))
   return tuple(sorted(factors, key=lambda f: f.name))
 
 
-def _preferred(world: tuple[_Factor, ...], composition: tuple[int, ...], v: int) -> dict[str, Any]:
+def _world(cfg: SyntheticCorpusConfig) -> tuple[Factor, ...]:
+  """The hidden mapping from attribute values to style; depends only on the seed and sizes."""
+  rng = random.Random(f"persomux.synthetic:{cfg.seed}:{cfg.num_attributes}:{cfg.values_per_attribute}:"
+                      f"{cfg.pair_fraction}:world")
+  a = cfg.num_attributes
+  return deal_world(rng, _factor_specs(), a, cfg.values_per_attribute,
+                    lambda name: a >= 2 and rng.random() < cfg.pair_fraction)
+
+
+def preferred(world: tuple[Factor, ...], composition: tuple[int, ...], v: int) -> dict[str, Any]:
   style = {}
   for f in world:
     key = 0
@@ -266,6 +275,21 @@ def persona_name(index: int) -> str:
   return f"persona_{index:04d}"
 
 
+def draw_compositions(rng: random.Random, num_personas: int, num_attributes: int, values_per_attribute: int,
+                      unique: bool) -> dict[str, tuple[int, ...]]:
+  """`{persona_name(i): attribute values}`; persona i depends only on `rng` and the personas before it."""
+  seen = set()
+  out = {}
+  for i in range(num_personas):
+    while True:
+      comp = tuple(rng.randrange(values_per_attribute) for _ in range(num_attributes))
+      if not unique or comp not in seen:
+        break
+    seen.add(comp)
+    out[persona_name(i)] = comp
+  return out
+
+
 def persona_compositions(cfg: SyntheticCorpusConfig) -> dict[str, tuple[int, ...]]:
   """The hidden attribute values of each persona, `{name: (value per attribute)}`.
 
@@ -274,16 +298,8 @@ def persona_compositions(cfg: SyntheticCorpusConfig) -> dict[str, tuple[int, ...
   `num_personas` extends the same population.
   """
   rng = random.Random(f"persomux.synthetic:{cfg.seed}:compositions")
-  seen = set()
-  out = {}
-  for i in range(cfg.num_personas):
-    while True:
-      comp = tuple(rng.randrange(cfg.values_per_attribute) for _ in range(cfg.num_attributes))
-      if not cfg.unique_compositions or comp not in seen:
-        break
-    seen.add(comp)
-    out[persona_name(i)] = comp
-  return out
+  return draw_compositions(rng, cfg.num_personas, cfg.num_attributes, cfg.values_per_attribute,
+                           cfg.unique_compositions)
 
 
 def describe_style(cfg: SyntheticCorpusConfig, composition: tuple[int, ...]) -> dict[str, Any]:
@@ -296,7 +312,7 @@ def describe_style(cfg: SyntheticCorpusConfig, composition: tuple[int, ...]) -> 
       isinstance(x, int) and 0 <= x < cfg.values_per_attribute for x in composition):
     raise ValueError(f"describe_style composition: expected {cfg.num_attributes} ints in "
                      f"[0, {cfg.values_per_attribute}), got {composition!r}")
-  return _preferred(_world(cfg), tuple(composition), cfg.values_per_attribute)
+  return preferred(_world(cfg), tuple(composition), cfg.values_per_attribute)
 
 
 class _Speaker:
@@ -381,7 +397,7 @@ def make_corpus(cfg: SyntheticCorpusConfig = SyntheticCorpusConfig()) -> list[di
       persona = (f"You are {name}. Your trait {_TRAIT_LETTERS[cfg.hint_attribute]} is "
                  f"{_VALUE_WORDS[comp[cfg.hint_attribute]]}.")
     rng = random.Random(f"persomux.synthetic:{cfg.seed}:examples:{i}")
-    speaker = _Speaker(_preferred(world, comp, cfg.values_per_attribute), cfg.style_strength, rng)
+    speaker = _Speaker(preferred(world, comp, cfg.values_per_attribute), cfg.style_strength, rng)
     for _ in range(cfg.examples_per_persona):
       # The context is persona-independent: only the reply carries the style.
       topic = rng.choice(TOPICS)
