@@ -137,6 +137,9 @@ class OptimConfig:
   adam_eps: float = 1e-4  # the paper's Adam epsilon
   b1: float = 0.9
   b2: float = 0.999
+  # Multiplies the step of the per-class mixtures m (Persona-Mux, stage 1):
+  # each m_i sees only its class's rows, so it gets few, noisy updates.
+  mixture_lr_scale: float = 1.0
 
   @classmethod
   def from_config(cls, cfg) -> "OptimConfig":
@@ -158,7 +161,20 @@ def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
                               [cfg.warmup_steps])
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   parts.append(optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps))
+  if cfg.mixture_lr_scale != 1.0:
+    parts.append(_scale_where("mixtures", cfg.mixture_lr_scale))
   return optax.chain(*parts)
+
+
+def _scale_where(name: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the parameters whose path names `name`."""
+
+  def update(updates, state, params=None):
+    del params
+    scale = lambda path, u: u * factor if any(name in str(k) for k in path) else u
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # --- phased, resumable loop --------------------------------------------------------
