@@ -183,3 +183,15 @@ def test_remat_gives_the_same_loss_and_gradients(trunk):
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(nnx.to_pure_dict(g2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
+
+
+def test_mixture_lr_scale_multiplies_only_the_mixtures_step():
+  """Adam's first step is lr * sign(g) for every parameter; the mixtures' is scaled (hand computation)."""
+  pm = prompts.PersonaMux(NUM_CLASSES, 8, num_codes=3, code_tokens=2, bias_tokens=2, rngs=nnx.Rngs(0))
+  tx = train.make_tx(train.OptimConfig(learning_rate=1e-2, mixture_lr_scale=10.0, clip_norm=None), 10)
+  opt = nnx.Optimizer(pm, tx, wrt=prompts.PromptParam)
+  before = arrays(pm)
+  opt.update(pm, jax.tree.map(jnp.ones_like, nnx.state(pm, prompts.PromptParam)))
+  after = arrays(pm)
+  for name, step in (("mixtures", 0.1), ("codebook", 0.01), ("bias", 0.01)):
+    np.testing.assert_allclose(before[name] - after[name], step, rtol=1e-3)
