@@ -201,3 +201,14 @@ def test_report_markdown_layout():
   assert "| + Persona-Mux | **1.500** |" in md  # best fine-tuning method in bold
   assert "| + SoftPrompt | **3.200** |" in md
   assert "| + Persona-Mux | 100 | 8 |" in md and "| Base (text persona) | - | - |" in md
+
+
+def test_showcase_puts_one_context_to_two_held_out_classes():
+  from persomux.data import Record
+
+  test = [Record(cls="b", text="b1", context="ctx b"), Record(cls="a", text="a1", context="ctx a"),
+          Record(cls="a", text="a2", context="ctx a2"), Record(cls="c", text="c1", context="ctx c")]
+  items = evaluation.showcase_items(test, ["a", "b", "c"])
+  assert [(it.cls, it.class_id, it.context, it.real) for it in items] == [
+      ("a", 0, "ctx a", "a1"), ("b", 1, "ctx a", "b1")]
+  assert evaluation.showcase_items([], ["a"]) == []
