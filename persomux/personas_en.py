@@ -63,7 +63,8 @@ import random
 import re
 from typing import Any, NamedTuple
 
-from persomux.synthetic import Factor, deal_world, draw_compositions, persona_name, preferred
+from persomux.synthetic import (Factor, StyleSampler, deal_world, draw_compositions, persona_name,
+                                preferred)
 
 REGISTERS = ("formal", "casual", "slangy", "old-fashioned")
 STANCES = ("enthusiastic", "grumpy", "anxious", "dry")
@@ -583,16 +584,8 @@ def _before_end(sentence: str, words: str) -> str:
   return sentence[:cut] + words + sentence[cut:]
 
 
-class _Speaker:
+class _Speaker(StyleSampler):
   """Samples replies in one persona's style."""
-
-  def __init__(self, style: dict[str, Any], strength: float, rng: random.Random):
-    self.style, self.strength, self.rng = style, strength, rng
-
-  def pick(self, name: str, options: tuple):
-    if self.rng.random() < self.strength:
-      return self.style[name]
-    return self.rng.choice(options)
 
   def hobby(self) -> str:
     r = self.rng.random()

@@ -315,8 +315,8 @@ def describe_style(cfg: SyntheticCorpusConfig, composition: tuple[int, ...]) -> 
   return preferred(_world(cfg), tuple(composition), cfg.values_per_attribute)
 
 
-class _Speaker:
-  """Samples replies in one persona's style."""
+class StyleSampler:
+  """Draws a persona's choices: its preferred option with probability `strength`, else any option."""
 
   def __init__(self, style: dict[str, Any], strength: float, rng: random.Random):
     self.style, self.strength, self.rng = style, strength, rng
@@ -325,6 +325,10 @@ class _Speaker:
     if self.rng.random() < self.strength:
       return self.style[name]
     return self.rng.choice(options)
+
+
+class _Speaker(StyleSampler):
+  """Samples replies in one persona's style."""
 
   def theme_noun(self) -> str:
     r = self.rng.random()
