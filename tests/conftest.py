@@ -18,6 +18,6 @@ def pytest_terminal_summary(terminalreporter):
     return
   tr = terminalreporter
   tr.section("trunk parity vs transformers (fp32 logits)")
-  tr.write_line(f"{'family/variant':<34}{'max |Δlogit|':>14}  {'ok (<1e-4)':>10}")
+  tr.write_line(f"{'family/variant':<46}{'max |Δlogit|':>14}  {'ok (<1e-4)':>10}")
   for name in sorted(PARITY):
-    tr.write_line(f"{name:<34}{PARITY[name]:>14.2e}  {str(PARITY[name] < 1e-4):>10}")
+    tr.write_line(f"{name:<46}{PARITY[name]:>14.2e}  {str(PARITY[name] < 1e-4):>10}")

@@ -396,10 +396,9 @@ def _shipped_parity(name, model, tok, hf):
   ours = np.asarray(model(jnp.asarray(enc["input_ids"]), attention_mask=jnp.asarray(enc["attention_mask"])))
   ref = _logits(hf, enc["input_ids"], enc["attention_mask"])
   delta = float(np.abs(ours - ref)[mask].max())
-  PARITY[f"gguf/{name}"] = delta
+  PARITY[f"gguf/{name} (default matmuls)"] = delta
   assert np.abs(ref).max() > 10.0
-  # 30 / 18 real layers in float32: transformers' own fp32 logits are 0.6-0.9e-4
-  # from a float64 run of the same weights, so agreement sits near 1e-4, not 1e-6.
+  # XLA's default CPU matmul path: 1.4e-4 (see ACCURATE_MATMULS below for 1e-4).
   assert delta < 2.5e-4, f"{name}: max |Δlogit| = {delta}"
   return ours
 
@@ -445,14 +444,32 @@ def test_smollm2_greedy_chat_generation_matches_transformers(smollm2):
   assert "Paris" in text
 
 
+# XLA's default CPU matmul (YNNPACK) accumulates float32 products about twice as
+# coarsely as numpy's, torch's or XLA's own Eigen path (a 576-long dot: 1.1e-4
+# against 5.0e-5 from float64), and 30 real layers carry that into the logits.
+# The 1e-4 parity is therefore checked with the Eigen path, chosen by XLA_FLAGS in
+# a fresh process; `test_smollm2_matches_transformers` checks the default path.
+ACCURATE_MATMULS = "--xla_cpu_experimental_ynn_fusion_type="
+
+
 @pytest.mark.slow
-@_needs("gemma3-270m")
-def test_gemma3_270m_matches_transformers():
-  model, tok = persomux.load_model("gemma3-270m")
-  cfg = model.config
-  assert (cfg.family, cfg.num_layers, cfg.vocab_size, cfg.sliding_window) == ("gemma3_text", 18, 262144, 512)
-  assert cfg.layer_types.count("full_attention") == 3
-  hf = _hf_gguf(shipped.resolve("gemma3-270m"))
-  _shipped_parity("gemma3-270m", model, tok, hf)
-  del model, tok, hf
-  gc.collect()
+def test_shipped_models_match_transformers_within_1e4():
+  names = [n for n in ("smollm2-135m-instruct", "gemma3-270m")
+           if importlib.util.find_spec(shipped.NAMES[n].package) is not None]
+  if not names:
+    pytest.skip("needs the shipped model packages (the `models` extra)")
+  env = dict(os.environ, XLA_FLAGS=ACCURATE_MATMULS, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "shipped_parity.py"), *names],
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  shapes = {"smollm2-135m-instruct": ("llama", 30, 49152), "gemma3-270m": ("gemma3_text", 18, 262144)}
+  for name, r in got.items():
+    assert (r["family"], r["num_layers"], r["vocab_size"]) == shapes[name] and r["dtype"] == "float32"
+    assert r["max_abs_logit"] > 10.0
+    PARITY[f"gguf/{name} (eager)"] = r["eager"]
+    PARITY[f"gguf/{name} (sdpa)"] = r["sdpa"]
+    # transformers' eager attention is its plain reference math; SDPA's blocked
+    # online softmax rounds differently, so its figure is reported, bounded loosely.
+    assert r["eager"] < 1e-4, f"{name}: max |Δlogit| = {r['eager']} against eager attention"
+    assert r["sdpa"] < 2e-4, f"{name}: max |Δlogit| = {r['sdpa']} against SDPA"
