@@ -10,8 +10,11 @@ is 0) as a PEFT prompt-tuning adapter, loadable with
 PEFT places it before the whole input; `persomux.export.torch_prompts`
 places it after a persona text, as training did. With --lora: the LoRA
 baseline's adapters (launch/evaluate.py trains them) as a PEFT LoRA adapter.
-safetensors: OUT/persona_mux.safetensors with `codebook`, `bias`, `mixtures`
-and the class names and config as metadata.
+safetensors: the whole persona bank (`persomux.PersonaBank`: stage 1's
+personas, the held-out ones and every add_personas job) as
+OUT/persona_bank.safetensors with `codebook`, `bias`, `mixtures` and, as
+metadata, each persona's name, job and text persona; `PersonaBank.read`
+loads it. With --stage, one prompt state as OUT/persona_mux.safetensors.
 
 The trunk: adapters name the workdir's `model_dir` as their base model when
 it is a Hugging Face directory transformers loads as a causal LM with a
@@ -33,7 +36,8 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_string("persona", None, "peft: the persona to export.")
 flags.DEFINE_float("bias_scale", 1.0, "peft: scale of the bias tokens (0 removes them).")
 flags.DEFINE_bool("lora", False, "peft: export the LoRA baseline's adapters (prompt/lora) instead of a persona.")
-flags.DEFINE_string("stage", "finetune_persona_mux", "safetensors: which prompt state (prompt/<stage>).")
+flags.DEFINE_string("stage", None, "safetensors: one prompt state (prompt/<stage>, e.g. pretrain) instead of "
+                    "the whole persona bank.")
 flags.DEFINE_enum("export_trunk", "auto", ["auto", "always", "never"],
                   "Write the trunk to OUT/base_model: auto = when model_dir is not a plain Hugging Face "
                   "causal-LM directory with a tokenizer.")
@@ -84,6 +88,16 @@ def main(argv):
     soft = peft_export.soft_prompt(module, cid, FLAGS.bias_scale)
     peft_export.write_peft_prompt(FLAGS.out, soft, trunk_cfg, base_model=base_model)
     print(f"wrote a PEFT prompt-tuning adapter ({soft.shape[0]} virtual tokens) to {FLAGS.out}")
+  elif not FLAGS.stage:
+    from persomux.bank import PersonaBank
+
+    try:
+      bank = PersonaBank.load(FLAGS.workdir)
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(str(e)) from e
+    path = bank.save(FLAGS.out)
+    jobs = sorted({p["job"] for p in bank.describe()})
+    print(f"wrote {path}: {len(bank)} personas ({', '.join(jobs)})")
   else:
     module, meta = stages.load_prompt(FLAGS.workdir, FLAGS.stage, trunk_cfg.d_model)
     if meta["method"] not in ("persona_mux", "random_codebook"):

@@ -41,8 +41,7 @@ def main(argv):
     module, cid, _ = stages.find_persona(FLAGS.workdir, FLAGS.persona, FLAGS.method, trunk.config.d_model)
   except (KeyError, FileNotFoundError) as e:
     raise app.UsageError(str(e).strip('"')) from e
-  split = stages.Split.make([], run, FLAGS.workdir)
-  persona_text = split.personas.get(FLAGS.persona)
+  persona_text = stages.persona_texts(FLAGS.workdir).get(FLAGS.persona)
   fmt = stages.formatter_for(tokenizer, run)
   src = sys.stdin if FLAGS.prompts == "-" else open(FLAGS.prompts)
   lines = [l.rstrip("\n") for l in src if l.strip()]

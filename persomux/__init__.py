@@ -17,6 +17,7 @@ _EXPORTS = {
     "PersonaMux": "persomux.prompts",
     "SoftPrompt": "persomux.prompts",
     "RandomCodebook": "persomux.prompts",
+    "PersonaBank": "persomux.bank",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@ Workdir layout:
   split.json                pretraining / finetuning classes and their text personas
   checkpoints/<stage>/      orbax training checkpoints (prompt, optimizer, position)
   prompt/<name>/            final prompt state of a stage (orbax) with its metadata
+  personas/<job>.json       an add_personas job: its personas, config fingerprint, status, results
   metrics.jsonl             one JSON object per train step / evaluation
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -43,12 +45,17 @@ def save_run(config, workdir: str) -> None:
     json.dump(_cfg_dict(config), f, indent=2)
 
 
-def load_run(workdir: str) -> dict:
-  path = os.path.join(workdir, "run.json")
+def _read_workdir_json(workdir: str, name: str) -> dict:
+  path = os.path.join(workdir, name)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing; run launch/pretrain.py with this --workdir first")
+    raise FileNotFoundError(f"{path}: missing; run stage 1 (launch/pretrain.py) with this --workdir first")
   with open(path) as f:
     return json.load(f)
+
+
+def load_run(workdir: str) -> dict:
+  """The config a run was started with (`run.json`)."""
+  return _read_workdir_json(workdir, "run.json")
 
 
 def load_trunk(config, mesh=None):
@@ -84,11 +91,8 @@ class Split:
       if r.persona and r.cls not in personas:
         personas[r.cls] = r.persona
     split = cls(pre, fine, personas)
-    if path and jax.process_index() == 0:  # every process computes the same split
-      os.makedirs(workdir, exist_ok=True)
-      with open(path + ".tmp", "w") as f:
-        json.dump({"pretrain": pre, "finetune": fine, "personas": personas}, f, indent=1)
-      os.replace(path + ".tmp", path)
+    if path:  # every process computes the same split; process 0 writes it
+      _write_json(path, {"pretrain": pre, "finetune": fine, "personas": personas})
     return split
 
 
@@ -174,8 +178,10 @@ def load_prompt(workdir: str, name: str, d_model: int):
 
 def find_persona(workdir: str, persona: str, method: str, d_model: int):
   """`(module, class_id, stage_name)` of the trained prompt holding `persona`
-  (stage 2 first, then stage 1). Raises KeyError listing known personas."""
-  names = [f"finetune_{method}", "pretrain" if method == "persona_mux" else f"pretrain_{method}"]
+  (the add_personas jobs, newest first, then stage 2, then stage 1). Raises
+  KeyError listing known personas."""
+  names = [*(job_stage(j, method) for j in reversed(persona_jobs(workdir))), f"finetune_{method}",
+           "pretrain" if method == "persona_mux" else f"pretrain_{method}"]
   seen = []
   for name in names:
     if not os.path.isdir(os.path.join(workdir, "prompt", name)):
@@ -263,10 +269,19 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   """
   config, records, split, fmt, counts = _stage_inputs(config, workdir, tokenizer, records)
   data_lib.check_disjoint(split.pretrain, split.finetune, source=os.path.join(workdir, "split.json"))
-  tr, te = make_examples(records, split.finetune, fmt, config, "max_per_class_finetune", counts)
+  return _train_new_classes(config, workdir, trunk, records, split.finetune, fmt, counts, f"finetune_{method}",
+                            method=method, codebook_from=codebook_from, meta={}, progress=progress,
+                            on_step=on_step, mesh=mesh)
+
+
+def _train_new_classes(config: dict, workdir: str, trunk, records, classes: list[str], fmt, counts, stage: str, *,
+                       method: str, codebook_from: str, meta: dict, progress: bool, on_step, mesh) -> dict[str, Any]:
+  """Stage 2 for `classes`: their per-class parameters train on their train
+  split, everything else stays frozen; writes `prompt/<stage>`."""
+  tr, te = make_examples(records, classes, fmt, config, "max_per_class_finetune", counts)
   pc, fc = config["prompt"], config["finetune"]
   d = trunk.config.d_model
-  prompt = build_prompt(method, len(split.finetune), d, pc, config["seed"] + 1, init_std(trunk, pc))
+  prompt = build_prompt(method, len(classes), d, pc, config["seed"] + 1, init_std(trunk, pc))
   if method in ("persona_mux", "random_codebook"):
     base, _ = load_prompt(workdir, codebook_from, d)
     prompt.bias[...] = base.bias[...]
@@ -276,7 +291,7 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
       scale = float(np.std(np.asarray(base.codebook[...])))
       prompt.codebook[...] = scale * jax.random.normal(jax.random.key(config["seed"] + 2), prompt.codebook.shape)
   buckets = data_lib.default_buckets(config["data"]["max_len"])
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  pad = fmt.tok.pad_token_id if fmt.tok.pad_token_id is not None else 0
   bsz = fc["batch_size"] or len(tr)
   # Full batch: round up (empty rows) so every process and data shard gets equal rows.
   unit = _batch_unit(mesh)
@@ -286,21 +301,174 @@ def finetune(config, workdir: str, trunk, tokenizer, records=None, *, method: st
   test_batches = _eval_batches(te, config) if te else []
   initial = train.evaluate(trunk, prompt, test_batches) if test_batches else {"loss": float("nan"),
                                                                               "per_class": {}}
-  eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches), split.finetune)) \
+  eval_fn = (lambda: _summary(train.evaluate(trunk, prompt, test_batches), classes)) \
       if test_batches else None
   phase = train.Phase("finetune", _TRAINS[method], src, fc["steps"], train.OptimConfig.from_config(fc))
-  stage = f"finetune_{method}"
   result = train.run_phases(trunk, prompt, [phase], workdir=workdir, checkpoint_every=fc["checkpoint_every"],
                             eval_fn=eval_fn, eval_every=fc["eval_every"], stage=stage, progress=progress,
                             on_step=on_step, mesh=mesh)
   final = train.evaluate(trunk, prompt, test_batches) if test_batches else initial
-  save_prompt(workdir, stage, prompt, {"method": method, "classes": split.finetune, "prompt": pc,
-                                      "test_loss": final["loss"]})
-  names = split.finetune
+  save_prompt(workdir, stage, prompt, {"method": method, "classes": classes, "prompt": pc,
+                                      "test_loss": final["loss"], **meta})
   return {"prompt": prompt, "test_loss": final["loss"], "initial_test_loss": initial["loss"],
-          "per_class": {names[c]: v for c, v in final["per_class"].items()},
-          "initial_per_class": {names[c]: v for c, v in initial["per_class"].items()},
-          "test_batches": test_batches, "classes": names, "truncated": dict(counts), **result}
+          "per_class": {classes[c]: v for c, v in final["per_class"].items()},
+          "initial_per_class": {classes[c]: v for c, v in initial["per_class"].items()},
+          "test_batches": test_batches, "classes": classes, "train_examples": len(tr), "test_examples": len(te),
+          "truncated": dict(counts), "stage": stage, **result}
+
+
+# --- personas added after stage 1 (add_personas jobs) ---------------------------------------
+
+
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class JobError(ValueError):
+  """An add_personas job that cannot run as asked (a name clash, a changed config)."""
+
+
+def check_job_name(name: str) -> None:
+  """A job's name becomes a file and directory name: raises JobError unless it is a safe one."""
+  if not _JOB_NAME.fullmatch(name or ""):
+    raise JobError(f"job name {name!r}: use letters, digits, '_', '.' or '-', starting with a letter or digit")
+
+
+def persona_jobs(workdir: str) -> dict[str, dict]:
+  """The add_personas jobs of `workdir`, oldest first: name -> its `personas/<name>.json`
+  ({"classes", "personas", "method", "data", "fingerprint", "replace", "order", "status", "result"})."""
+  directory = os.path.join(workdir, "personas")
+  jobs = []
+  if os.path.isdir(directory):
+    for f in os.listdir(directory):
+      if f.endswith(".json"):
+        with open(os.path.join(directory, f)) as fh:
+          jobs.append((f[:-len(".json")], json.load(fh)))
+  return dict(sorted(jobs, key=lambda j: (j[1].get("order", 0), j[0])))
+
+
+def job_stage(name: str, method: str = "persona_mux") -> str:
+  """Where a job's prompt state lives: `prompt/<this>` (and `checkpoints/<this>`)."""
+  return f"personas/{name}/{method}"
+
+
+def _read_split(workdir: str) -> dict:
+  return _read_workdir_json(workdir, "split.json")
+
+
+def persona_texts(workdir: str) -> dict[str, str | None]:
+  """Every persona's text description (None when it has none): the run's own
+  classes, then those of its add_personas jobs, the newest last."""
+  texts = dict(_read_split(workdir).get("personas", {}))
+  for entry in persona_jobs(workdir).values():
+    texts.update(entry["personas"])
+  return texts
+
+
+def _write_json(path: str, obj) -> None:
+  """Writes `obj` to `path` atomically, from process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _job_fingerprint(records, method: str, config: dict) -> dict[str, str]:
+  """What a job's result depends on, part by part (each a short hash)."""
+  import hashlib
+
+  def h(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+  rows = sorted((r.cls, r.text, r.context or "", r.persona or "") for r in records)
+  return {"data": h(rows), "method": method, "finetune": h(config["finetune"]), "prompt": h(config["prompt"]),
+          "data_config": h({k: config["data"].get(k) for k in
+                            ("test_fraction", "max_len", "template", "use_chat_template", "max_per_class_finetune")}),
+          "seed": str(config["seed"]), "model_dir": str(config.get("model_dir"))}
+
+
+def add_personas(config, workdir: str, trunk, tokenizer, records, *, job: str, method: str = "persona_mux",
+                 replace: bool = False, source: str | None = None, progress: bool = True, on_step=None,
+                 codebook_from: str = "pretrain", mesh=None) -> dict[str, Any]:
+  """Stage 2 for personas that arrive after stage 1, from their own data.
+
+  `records` (a path to JSONL/CSV/Parquet records, or `data.Record`s) holds
+  only the new personas; every class in it becomes one (`source` names it in
+  errors). As in `finetune`, W and b stay frozen and only the new mixtures
+  train, all the job's personas together in one compiled job. Each persona is
+  split into train and test examples by `data.test_fraction` (a persona with a
+  single example only trains), and its test loss is reported.
+
+  The job is registered as `personas/<job>.json` (its classes, text personas,
+  config fingerprint, status and results) and its state written to
+  `prompt/personas/<job>/<method>`, where `PersonaBank`, `find_persona`,
+  `launch/generate.py` and `launch/export.py` find it.
+
+  Raises JobError when a persona name is already taken (by stage 1, the run's
+  held-out personas or another job; with `replace`, the new persona takes the
+  name over) or when `job` exists with a different config or data: a killed
+  job resumes when rerun unchanged, a finished one reports its results.
+  """
+  check_job_name(job)
+  if method not in METHODS:
+    raise JobError(f"method {method!r} is unknown; expected one of {', '.join(METHODS)}")
+  config = _cfg_dict(config)
+  if isinstance(records, (str, os.PathLike)):
+    source = source or str(records)
+    records, skipped = data_lib.load_records(records)
+    if skipped and jax.process_index() == 0:
+      print(f"{source}: skipped {dict(skipped)}")
+  source = source or "records"
+  classes = list(dict.fromkeys(r.cls for r in records))
+  if not classes:
+    raise data_lib.DataError(f"{source}: no records, so no personas to add")
+  split = _read_split(workdir)
+  jobs = persona_jobs(workdir)
+  path = os.path.join(workdir, "personas", f"{job}.json")
+  fingerprint = _job_fingerprint(records, method, config)
+  if job in jobs:
+    old = jobs[job]
+    changed = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+    if changed:
+      raise JobError(
+          f"job {job!r} ({path}) was run with a different {', '.join(changed)}; pass a new --job name, or "
+          f"delete {path} and {os.path.join(workdir, '{prompt,checkpoints}', 'personas', job)} to run it again")
+    classes = old["classes"]  # the registered order: mixture rows keep their persona
+    if old.get("status") == "done" and old.get("result"):
+      return {**old["result"], "stage": job_stage(job, method), "classes": classes, "resumed": "done"}
+  else:
+    taken = {c: "stage 1" for c in split["pretrain"]}
+    taken.update({c: "the run's held-out personas (split.json)" for c in split["finetune"]})
+    for other, entry in jobs.items():
+      taken.update({c: f"job {other!r}" for c in entry["classes"]})
+    clash = [c for c in classes if c in taken]
+    if clash and not replace:
+      shown = ", ".join(f"{c!r} ({taken[c]})" for c in clash[:20])
+      more = f" and {len(clash) - 20} more" if len(clash) > 20 else ""
+      raise JobError(f"{source}: {len(clash)} persona name(s) already exist in {workdir}: {shown}{more}; "
+                     "rename them, or pass --replace to train new personas under those names")
+  personas = {}
+  for r in records:
+    if r.cls not in personas or (personas[r.cls] is None and r.persona):
+      personas[r.cls] = r.persona
+  order = jobs[job]["order"] if job in jobs else 1 + max((e.get("order", 0) for e in jobs.values()), default=0)
+  entry = {"classes": classes, "personas": personas, "method": method, "data": source, "replace": replace,
+           "fingerprint": fingerprint, "order": order, "status": "running"}
+  _write_json(path, entry)
+  out = _train_new_classes(config, workdir, trunk, records, classes, formatter_for(tokenizer, config),
+                           collections.Counter(), job_stage(job, method), method=method,
+                           codebook_from=codebook_from, meta={"job": job, "personas": personas},
+                           progress=progress, on_step=on_step, mesh=mesh)
+  tr, te = class_records(records, classes, config, "max_per_class_finetune")
+  tr_counts, te_counts = collections.Counter(r.cls for r in tr), collections.Counter(r.cls for r in te)
+  finite = lambda x: None if x is None or not np.isfinite(x) else float(x)  # no test examples: None
+  result = {"initial_test_loss": finite(out["initial_test_loss"]), "test_loss": finite(out["test_loss"]),
+            "per_persona": {c: {"train_examples": tr_counts[c], "test_examples": te_counts[c],
+                                "initial_test_loss": finite(out["initial_per_class"].get(c)),
+                                "test_loss": finite(out["per_class"].get(c))} for c in classes}}
+  _write_json(path, {**entry, "status": "done", "result": result})
+  return {**out, **result}
 
 
 # --- LoRA baseline --------------------------------------------------------------------------

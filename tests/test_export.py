@@ -77,7 +77,8 @@ def test_export_launch(trained, tmp_path):
   cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
   assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 5
   PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(d / "trunk")), str(tmp_path / "peft"))
-  run("export.py", f"--workdir={workdir}", "--format=safetensors", f"--out={tmp_path / 'state'}")
+  run("export.py", f"--workdir={workdir}", "--format=safetensors", "--stage=finetune_persona_mux",
+      f"--out={tmp_path / 'state'}")
   tp = PersonaMuxPrompts.from_file(str(tmp_path / "state" / "persona_mux.safetensors"))
   np.testing.assert_allclose(tp.mixtures.numpy(), np.asarray(pm.mixtures[...]))
   bad = run("export.py", f"--workdir={workdir}", "--format=peft", "--persona=zed", f"--out={tmp_path / 'x'}",

@@ -68,6 +68,27 @@ def test_pretrain_finetune_generate(setup):
   bad = run("generate.py", f"--workdir={workdir}", "--persona=nobody", f"--prompts={prompts}", check=False)
   assert bad.returncode != 0 and "nobody" in bad.stderr
 
+  # Two brand-new personas join the trained codebook; then the bank exports every persona.
+  new = [dict(r, **{"class": "newcomer_" + r["class"][-2:]}) for r in
+         synthetic.make_corpus(synthetic.SyntheticCorpusConfig(num_personas=2, examples_per_persona=8, seed=5))]
+  synthetic.write_jsonl(new, tmp / "new.jsonl")
+  out = run("add_personas.py", f"--workdir={workdir}", f"--data={tmp / 'new.jsonl'}")
+  last = json.loads(out.stdout.strip().splitlines()[-1])
+  assert last["job"] == "new" and last["personas"] == 2 and last["test_loss"] < last["initial_test_loss"]
+  assert "newcomer_00" in out.stdout and "loss before" in out.stdout
+  again = run("add_personas.py", f"--workdir={workdir}", f"--data={tmp / 'new.jsonl'}")
+  assert json.loads(again.stdout.strip().splitlines()[-1])["resumed"] == "done"
+  clash = run("add_personas.py", f"--workdir={workdir}", f"--data={tmp / 'new.jsonl'}", "--job=other", check=False)
+  assert clash.returncode != 0 and "'newcomer_00' (job 'new')" in clash.stderr and "--replace" in clash.stderr
+  run("generate.py", f"--workdir={workdir}", "--persona=newcomer_01", f"--prompts={prompts}", "--max_new_tokens=4",
+      f"--output={tmp / 'new_out.jsonl'}")
+  assert all(json.loads(l)["persona"] == "newcomer_01" for l in open(tmp / "new_out.jsonl"))
+  run("export.py", f"--workdir={workdir}", "--format=safetensors", f"--out={tmp / 'bank'}")
+  from persomux.bank import PersonaBank
+  bank = PersonaBank.read(str(tmp / "bank" / "persona_mux.safetensors"))
+  assert set(bank.names) == set(split["pretrain"]) | set(split["finetune"]) | {"newcomer_00", "newcomer_01"}
+  assert bank["newcomer_00"].job == "new" and bank[split["finetune"][0]].job == "held-out"
+
 
 def test_pretrain_on_a_simulated_mesh(setup):
   tmp, model_dir, data, _ = setup
@@ -79,7 +100,7 @@ def test_pretrain_on_a_simulated_mesh(setup):
 
 
 def test_help_is_clear():
-  for script in ("pretrain.py", "finetune.py", "evaluate.py", "generate.py", "export.py", "demo.py", "benchmark.py"):
+  for script in ("pretrain.py", "finetune.py", "add_personas.py", "evaluate.py", "generate.py", "export.py", "demo.py", "benchmark.py"):
     out = run(script, "--helpshort", check=False)
     assert ("--workdir" in out.stdout or "--suite" in out.stdout), script
 

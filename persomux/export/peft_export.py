@@ -60,12 +60,18 @@ def write_peft_lora(out_dir: str, trunk, lora_config, base_model: str | None = N
   write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
 
 
-def write_state(out_dir: str, prompt, classes: list[str], config: dict) -> str:
+def write_state(out_dir: str, prompt, classes: list[str], config: dict, personas: list[dict] | None = None) -> str:
+  """`OUT/persona_mux.safetensors`: `codebook`, `bias`, `mixtures` (rows in `classes`
+  order) and, as metadata, the class names, the prompt config and optionally
+  one `{"name", "job", "persona"}` dict per class (a `PersonaBank`)."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, STATE_FILE)
+  meta = {"format": "pt", "classes": json.dumps(classes), "config": json.dumps(config)}
+  if personas is not None:
+    meta["personas"] = json.dumps(personas)
   write_safetensors(path, {
       "codebook": np.asarray(prompt.codebook[...], np.float32),
       "bias": np.asarray(prompt.bias[...], np.float32),
-      "mixtures": np.asarray(prompt.mixtures[...], np.float32),
-  }, metadata={"format": "pt", "classes": json.dumps(classes), "config": json.dumps(config)})
+      "mixtures": np.asarray(prompt.mixtures[...], np.float32)[:len(classes)],
+  }, metadata=meta)
   return path
