@@ -322,17 +322,37 @@ class PromptFormatter:
     return list(self.tok(s, add_special_tokens=special)["input_ids"]) if s or special else []
 
   def _render_chat(self, persona, context, with_text: bool) -> str:
-    system = (persona or "") + _SOFT_MARK
-    user = context or self.instruction
-    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    msgs = [{"role": "user", "content": context or self.instruction}]
     if with_text:
       msgs.append({"role": "assistant", "content": _TEXT_MARK})
+    return self._render_messages(persona, msgs, with_text)
+
+  def _render_messages(self, persona, messages, with_text: bool, system: str = "") -> str:
+    """The chat template over `messages`, after a system message holding the
+    persona, the soft slot and then `system`."""
+    system = (persona or "") + _SOFT_MARK + (f"\n\n{system}" if system else "")
+    msgs = [{"role": "system", "content": system}, *messages]
     kw = dict(tokenize=False, add_generation_prompt=not with_text)
     try:
       return self.tok.apply_chat_template(msgs, **kw)
     except Exception:  # templates without a system role (e.g. Gemma) raise
-      msgs = [{"role": "user", "content": system + "\n\n" + user}] + msgs[2:]
-      return self.tok.apply_chat_template(msgs, **kw)
+      first = dict(msgs[1], content=system + "\n\n" + msgs[1]["content"])
+      return self.tok.apply_chat_template([first, *msgs[2:]], **kw)
+
+  def chat_pieces(self, persona: str | None, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """`(prefix, suffix)` token ids of a generation prompt for a conversation
+    (`[{"role": "system" | "user" | "assistant", "content": str}, ...]`), the
+    soft slot between them. One user message gives exactly `prompt_pieces`'
+    prompt; system messages follow the persona and soft slot. Without a chat
+    template, the non-system turns, one per line, are the context."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+    if not self.chat:
+      return self.prompt_pieces(persona, "\n".join(m["content"] for m in turns))
+    rendered = self._render_messages(persona, turns or [{"role": "user", "content": self.instruction}], False,
+                                     system)
+    before, after = rendered.split(_SOFT_MARK, 1)
+    return self._ids(before), self._ids(after)
 
   def prompt_pieces(self, persona: str | None, context: str | None) -> tuple[list[int], list[int]]:
     """`(prefix, suffix)` token ids of a generation prompt (the soft slot between them)."""

@@ -88,14 +88,12 @@ def _sample(logits, rng, temperature, top_k, top_p):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"))
-def _prefill(graphdef, state, embeds, mask, rng, *, max_new):
+def prefill_caches(model, embeds, mask, total: int):
   """Runs `embeds` `[B, S, d]` (real tokens first, `mask` 1 on them) through the
-  trunk and fills the caches; returns the decode carry (see `_decode`)."""
-  model = nnx.merge(graphdef, state)
+  trunk into fresh caches sized for `total` positions; returns
+  `(caches, next-token logits [B, V], lengths [B])`."""
   cfg = model.config
   b, s, _ = embeds.shape
-  total = s + max_new
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   lengths = mask.sum(-1).astype(jnp.int32)
   tables = model.rope_tables(positions)
@@ -113,8 +111,45 @@ def _prefill(graphdef, state, embeds, mask, rng, *, max_new):
     ok = mask.astype(bool) & (positions >= lengths[:, None] - size)
     caches.append(_write(empty, k, v, positions, ok))
   last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+  return caches, model.logits(last)[:, 0], lengths
+
+
+def decode_step(model, caches, tokens, pos):
+  """Feeds `tokens` `[B]` at positions `pos` `[B]`, each row over its own caches;
+  returns `(caches, next-token logits [B, V])`."""
+  cfg = model.config
+  b = tokens.shape[0]
+  bidx = jnp.arange(b)[:, None]
+  pos = pos[:, None]
+  x = model.embed(tokens[:, None])
+  tables = model.rope_tables(pos)
+  new_caches = []
+  for layer, cache in zip(model.layers, caches):
+    cos, sin = tables[layer.layer_type]
+    window = cfg.sliding_window if layer.layer_type == SLIDING else None
+    slot = pos % cache["pos"].shape[1]
+    new_pos = cache["pos"].at[bidx, slot].set(pos)
+
+    def update(k, v, cache=cache, slot=slot):
+      # One new position per row: a dynamic slice update along the slot axis.
+      put = lambda cc, xx: jax.vmap(lambda ci, xi, si: jax.lax.dynamic_update_slice_in_dim(
+          ci, xi.astype(ci.dtype), si, axis=1))(cc, xx, slot[:, 0])
+      return put(cache["k"], k), put(cache["v"], v)
+
+    x, (k_all, v_all) = layer(x, cos, sin, _cache_mask(new_pos, pos, window), update)
+    new_caches.append({"k": k_all, "v": v_all, "pos": new_pos})
+  return new_caches, model.logits(x)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"))
+def _prefill(graphdef, state, embeds, mask, rng, *, max_new):
+  """Prefills `embeds` `[B, S, d]` into caches for S + `max_new` positions; returns
+  the decode carry (see `_decode`)."""
+  model = nnx.merge(graphdef, state)
+  b, s, _ = embeds.shape
+  caches, logits, lengths = prefill_caches(model, embeds, mask, s + max_new)
   return {"i": jnp.int32(0), "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, max_new), jnp.int32),
-          "caches": caches, "logits": model.logits(last)[:, 0], "rng": rng, "lengths": lengths}
+          "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"),
@@ -127,36 +162,16 @@ def _decode(graphdef, state, carry, eos_ids, limit, *, temperature, top_k, top_p
   logits, the PRNG key and the prompt `lengths`.
   """
   model = nnx.merge(graphdef, state)
-  cfg = model.config
   lengths = carry["lengths"]
-  b = lengths.shape[0]
-  bidx = jnp.arange(b)[:, None]
 
   def body(c):
     rng, sub = jax.random.split(c["rng"])
     nxt = _sample(c["logits"], sub, temperature, top_k, top_p)
     nxt = jnp.where(c["done"], 0, nxt)
     i = c["i"]
-    pos = (lengths + i)[:, None]
-    x = model.embed(nxt[:, None])
-    tables = model.rope_tables(pos)
-    new_caches = []
-    for layer, cache in zip(model.layers, c["caches"]):
-      cos, sin = tables[layer.layer_type]
-      window = cfg.sliding_window if layer.layer_type == SLIDING else None
-      slot = pos % cache["pos"].shape[1]
-      new_pos = cache["pos"].at[bidx, slot].set(pos)
-
-      def update(k, v, cache=cache, slot=slot):
-        # One new position per row: a dynamic slice update along the slot axis.
-        put = lambda cc, xx: jax.vmap(lambda ci, xi, si: jax.lax.dynamic_update_slice_in_dim(
-            ci, xi.astype(ci.dtype), si, axis=1))(cc, xx, slot[:, 0])
-        return put(cache["k"], k), put(cache["v"], v)
-
-      x, (k_all, v_all) = layer(x, cos, sin, _cache_mask(new_pos, pos, window), update)
-      new_caches.append({"k": k_all, "v": v_all, "pos": new_pos})
+    caches, logits = decode_step(model, c["caches"], nxt, lengths + i)
     return {"i": i + 1, "done": c["done"] | jnp.isin(nxt, eos_ids), "out": c["out"].at[:, i].set(nxt),
-            "caches": new_caches, "logits": model.logits(x)[:, 0], "rng": rng, "lengths": lengths}
+            "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
 
   def cond(c):
     return (c["i"] < limit) & ~jnp.all(c["done"])

@@ -100,7 +100,7 @@ def test_pretrain_on_a_simulated_mesh(setup):
 
 
 def test_help_is_clear():
-  for script in ("pretrain.py", "finetune.py", "add_personas.py", "evaluate.py", "generate.py", "export.py", "demo.py", "benchmark.py"):
+  for script in ("pretrain.py", "finetune.py", "add_personas.py", "serve.py", "evaluate.py", "generate.py", "export.py", "demo.py", "benchmark.py"):
     out = run(script, "--helpshort", check=False)
     assert ("--workdir" in out.stdout or "--suite" in out.stdout), script
 
