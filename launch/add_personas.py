@@ -23,7 +23,10 @@ then in `persomux.PersonaBank.load(WORKDIR)`, `launch/serve.py`,
 import json
 import os
 
-import common  # noqa: F401
+if __package__:  # imported as launch.add_personas: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/add_personas.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
@@ -77,5 +80,10 @@ def main(argv):
                     "initial_test_loss": out["initial_test_loss"], "test_loss": out["test_loss"]}))
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

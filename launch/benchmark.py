@@ -5,6 +5,11 @@ r"""Benchmarks persomux against its PyTorch peer in the same process.
 `lora`: the LoRA baseline's train step (rank 8 on q_proj and v_proj) on the
 same model and batch against PEFT LoRA in PyTorch.
 
+`serve`: a bounded load test of the persona server (launch/serve.py's app,
+on 127.0.0.1): --clients concurrent clients, each with its own persona,
+against the same requests served one at a time by a one-slot server, both in
+this process on the benchmark model. Its last line is the throughput ratio.
+
 `train`: the stage-1 (joint) Persona-Mux train step on a small Llama
 (hidden 512, 8 layers, 8 heads, 4 kv heads, ffn 1376, vocab 32000), batch
 8 x 128 tokens, fp32, against HF PEFT prompt tuning (20 virtual tokens =
@@ -20,12 +25,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # python launch/benchmark.py from a checkout: persomux from the repo root
+  sys.path.insert(0, _ROOT)
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("suite", "train", ["train", "lora", "generate", "scale"], "Which benchmark to run.")
+flags.DEFINE_enum("suite", "train", ["train", "lora", "generate", "scale", "serve"], "Which benchmark to run.")
+flags.DEFINE_integer("clients", 32, "serve suite: concurrent clients, each with its own persona.")
+flags.DEFINE_integer("serve_tokens", 64, "serve suite: tokens each client asks for.")
 flags.DEFINE_list("scale_models", ["llama3_8b", "gemma2_27b"], "scale suite: trunk configs to compile.")
 flags.DEFINE_list("scale_meshes", ["fsdp:8", "data:2,fsdp:4", "fsdp:32", "data:4,fsdp:4,tensor:2"],
                   "scale suite: simulated meshes (8 and 32 devices).")
@@ -259,6 +268,110 @@ def generate_suite():
   print(f"generate ratio persomux/transformers = {px_tps / hf_tps:.2f}")
 
 
+def _word_tokenizer(vocab: int):
+  """A real tokenizer over `vocab` words "w0".."w{vocab-1}" (ids 0-2: pad, bos, eos)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+  tk = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+  tk.pre_tokenizer = pre_tokenizers.Whitespace()
+  return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def serve_suite():
+  """The persona server under load: N concurrent clients against one at a time."""
+  import threading
+
+  import httpx
+  import jax
+  import numpy as np
+  import uvicorn
+
+  from persomux import data as data_lib
+  from persomux.bank import Persona, PersonaBank
+  from persomux.serving.app import Service, create_app
+  from persomux.serving.engine import Engine
+
+  import logging
+
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+  cfg, _, trunk = _benchmark_models()
+  tok = _word_tokenizer(cfg.vocab_size)
+  n, new = FLAGS.clients, FLAGS.serve_tokens
+  rs = np.random.RandomState(FLAGS.seed)
+  codes, code_tokens, bias_tokens = 64, 8, 12
+  bank = PersonaBank(0.05 * rs.standard_normal((codes, code_tokens, cfg.d_model)).astype(np.float32),
+                     0.05 * rs.standard_normal((bias_tokens, cfg.d_model)).astype(np.float32),
+                     [Persona(f"p{i}", rs.standard_normal(codes).astype(np.float32), None, "bench") for i in range(n)])
+  prompts = [" ".join(f"w{w}" for w in rs.randint(3, cfg.vocab_size, 32)) for _ in range(n)]
+  fmt = data_lib.PromptFormatter(tok, "{persona}{soft}\n{context}\n", "no")
+
+  def serve(slots: int):
+    engine = Engine(trunk, tok, slots=slots, max_context=256, queue_size=max(n, 1)).start()
+    server = uvicorn.Server(uvicorn.Config(create_app(Service(engine, bank, fmt, "bench")), host="127.0.0.1",
+                                           port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+      time.sleep(0.05)
+    return engine, server, thread
+
+  def ask(url, i):
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompts[i]}], "persona": f"p{i}",
+            "max_tokens": new, "temperature": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()
+
+  def run(slots: int, concurrent: bool):
+    engine, server, thread = serve(slots)
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+      ask(url, 0)  # compile prefill and decode
+      out = [None] * n
+      t0 = time.perf_counter()
+      if concurrent:
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, ask(url, i))) for i in range(n)]
+        for t in threads:
+          t.start()
+        for t in threads:
+          t.join(timeout=600)
+      else:
+        for i in range(n):
+          out[i] = ask(url, i)
+      elapsed = time.perf_counter() - t0
+      status = engine.status()
+    finally:
+      server.should_exit = True
+      thread.join(timeout=30)
+      engine.stop()
+    return elapsed, out, status
+
+  t_batched, batched, status = run(min(n, 32), True)
+  t_seq, sequential, _ = run(1, False)
+  tokens = sum(r["usage"]["completion_tokens"] for r in batched)
+  same = sum(a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+             for a, b in zip(batched, sequential))
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
+  print(f"model: llama d={cfg.d_model} L={cfg.num_layers} V={cfg.vocab_size} fp32; {n} clients, each its own "
+        f"persona ({bank.module.num_tokens} soft tokens), 32-word prompts, {new} new tokens, greedy")
+  print(f"batched ({min(n, 32)} slots, {n} concurrent clients): {t_batched:.2f} s, {tokens / t_batched:.1f} "
+        f"tokens/s, at most {status['max_active']} rows per step")
+  print(f"sequential (1 slot, one client at a time): {t_seq:.2f} s, {tokens / t_seq:.1f} tokens/s")
+  print(f"replies identical in both: {same}/{n}")
+  print(f"serve ratio batched/sequential = {t_seq / t_batched:.2f}")
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def scale_suite():
   """Compiles the stage-1 train step and the decode step of full-size trunks
   from abstract shapes only (no weights are allocated) on simulated meshes,
@@ -342,7 +455,14 @@ def main(argv):
     lora_suite()
   elif FLAGS.suite == "generate":
     generate_suite()
+  elif FLAGS.suite == "serve":
+    serve_suite()
+
+
+def run():
+  """Console entry point."""
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

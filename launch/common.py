@@ -43,3 +43,20 @@ def setup(config=None):
   mesh = sharding.parse_mesh(spec or None)
   # One device needs no mesh: plain placement skips sharding machinery.
   return mesh if mesh.size > 1 else None
+
+
+def run(main):
+  """Runs an absl `main`, also as a console entry point (`persomux-serve`, ...).
+
+  There `__main__` is pip's wrapper, so absl's help would show neither the
+  launch's docstring nor its flags; point both at the launch's own module.
+  """
+  import inspect
+
+  from absl import app
+
+  module = inspect.getmodule(main)
+  if module is not None and module.__name__ != "__main__":
+    sys.argv[0] = module.__name__  # absl's --helpshort lists the flags of the module argv[0] names
+    sys.modules["__main__"].__doc__ = module.__doc__
+  app.run(main)

@@ -11,7 +11,10 @@ The directory loads with `transformers.AutoModelForCausalLM.from_pretrained`,
 with `persomux.load_model`, and as `--config.model_dir` of the other launches.
 """
 
-import common  # noqa: F401
+if __package__:  # imported as launch.convert: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/convert.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -33,5 +36,10 @@ def main(argv):
         f"{model.dtype.name}) to {FLAGS.out}")
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

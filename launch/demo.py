@@ -25,7 +25,10 @@ from __future__ import annotations
 import os
 import time
 
-import common  # noqa: F401  (sys.path, --mesh, --distributed)
+if __package__:  # imported as launch.demo: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401  (sys.path, --mesh, --distributed)
+else:  # python launch/demo.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401  (sys.path, --mesh, --distributed)
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -141,5 +144,10 @@ def main(argv):
   del rep
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -17,7 +17,10 @@ persona_mux at each bias scale) and writes to WORKDIR:
 
 import os
 
-import common  # noqa: F401  (sys.path, --mesh, --distributed)
+if __package__:  # imported as launch.evaluate: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401  (sys.path, --mesh, --distributed)
+else:  # python launch/evaluate.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401  (sys.path, --mesh, --distributed)
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
@@ -86,5 +89,10 @@ def main(argv):
   del rep
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

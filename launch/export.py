@@ -26,7 +26,10 @@ the adapters apply to, or a directory without tokenizer files), or with
 
 import os
 
-import common  # noqa: F401
+if __package__:  # imported as launch.export: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/export.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -111,5 +114,10 @@ def main(argv):
     print(f"wrote the trunk to {base_model}" + (f" ({why})" if why else ""))
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

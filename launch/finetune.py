@@ -10,7 +10,10 @@ to WORKDIR/metrics.jsonl and printed.
 
 import json
 
-import common  # noqa: F401
+if __package__:  # imported as launch.finetune: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/finetune.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
@@ -37,5 +40,10 @@ def main(argv):
                     "test_loss": out["test_loss"], "per_class": out["per_class"]}, indent=2))
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -11,7 +11,10 @@ training. Prints one continuation per line, or writes JSONL with --output.
 import json
 import sys
 
-import common  # noqa: F401
+if __package__:  # imported as launch.generate: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/generate.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -68,5 +71,10 @@ def main(argv):
     out.close()
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -15,7 +15,10 @@ import collections
 import json
 import os
 
-import common  # noqa: F401
+if __package__:  # imported as launch.prepare_data: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/prepare_data.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -67,5 +70,10 @@ def main(argv):
   print(json.dumps(stats, indent=2))
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

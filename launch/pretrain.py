@@ -11,7 +11,10 @@ writes the split to WORKDIR/split.json for stage 2. Restarting with the same
 
 import json
 
-import common  # noqa: F401  (sys.path, shared flags)
+if __package__:  # imported as launch.pretrain: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401  (sys.path, shared flags)
+else:  # python launch/pretrain.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401  (sys.path, shared flags)
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -41,5 +44,10 @@ def main(argv):
                                          "final_loss", "steps", "truncated")}, indent=2))
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -19,7 +19,10 @@ localhost unless --host says otherwise; it has no authentication.
 
 import os
 
-import common  # noqa: F401
+if __package__:  # imported as launch.serve: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/serve.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -74,5 +77,10 @@ def main(argv):
     engine.stop()
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

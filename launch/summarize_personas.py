@@ -11,7 +11,10 @@ The paper used Llama-3-8B for this.
 import json
 import os
 
-import common  # noqa: F401
+if __package__:  # imported as launch.summarize_personas: installed, python -m, or a console entry point
+  from launch import common  # noqa: F401
+else:  # python launch/summarize_personas.py from a checkout (sys.path[0] is launch/)
+  import common  # noqa: F401
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -75,5 +78,10 @@ def main(argv):
   print(f"wrote {len(records)} records with personas for {len(groups)} classes to {out_path}")
 
 
+def run():
+  """Console entry point."""
+  common.run(main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -138,3 +138,42 @@ def test_two_processes_train_like_one(setup):
   metrics = [l for l in open(tmp / "two" / "metrics.jsonl")]
   steps = [json.loads(l)["step"] for l in metrics if '"train"' in l]
   assert steps == sorted(set(steps))  # written by process 0 only
+
+
+def test_installed_package_runs_from_anywhere(tmp_path):
+  """A non-editable install ships configs and launch beside persomux: they import, the launches run as
+  `python -m launch.NAME` from any directory, and pip writes the persomux-* console scripts."""
+  import importlib.util
+  import shutil
+
+  if importlib.util.find_spec("pip") is None or importlib.util.find_spec("setuptools") is None:
+    pytest.skip("needs pip and setuptools to build without isolation")
+  # Build from a copy, so pip's build/ and persomux.egg-info land in tmp_path, not in the checkout.
+  src, target = tmp_path / "src", tmp_path / "target"
+  src.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(ROOT, name), src / name)
+  for name in ("persomux", "configs", "launch"):
+    shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+  pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(src)], capture_output=True, text=True,
+                       timeout=180)
+  assert pip.returncode == 0, pip.stderr[-3000:]
+  assert (target / "bin" / "persomux-pretrain").is_file()
+
+  env = dict(os.environ, PYTHONPATH=str(target))  # the installed copy only; cwd is not the checkout
+  env.pop("XLA_FLAGS", None)
+
+  def python(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 0 or "--helpshort" in args, proc.stderr[-3000:]  # absl's help exits 1
+    return proc
+
+  out = python("-c", "import configs.tiny, launch.serve; print(configs.tiny.__file__); print(launch.serve.__file__)")
+  assert all(line.startswith(str(target)) for line in out.stdout.split()), out.stdout
+  # The demo's --config default (launch/../configs/demo.py) resolves in the installed layout.
+  out = python("-c", "from absl import flags; import launch.demo; flags.FLAGS(['demo', '--workdir=w']); "
+               "print(flags.FLAGS.config.model_dir)")
+  assert out.stdout.strip() == "smollm2-135m-instruct", out.stdout
+  assert "--workdir" in python("-m", "launch.pretrain", "--helpshort").stdout

@@ -1,0 +1,1 @@
+"""Launch scripts: absl entry points for training, evaluation, export and serving."""
