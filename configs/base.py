@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pretrain.warmup_steps = 0
   c.pretrain.clip_norm = 1.0
   c.pretrain.adam_eps = 1e-4
+  c.pretrain.mixture_lr_scale = 1.0  # the mixtures' step relative to W and b (the demo: 10)
   c.pretrain.checkpoint_every = 200
   c.pretrain.eval_every = 200
 
