@@ -291,6 +291,19 @@ class Example:
     return len(self.prefix) + len(self.suffix) + len(self.target)
 
 
+def render_chat(tokenizer, system: str, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+  """The tokenizer's chat template over a system message and `messages`; for
+  templates without a system role (e.g. Gemma) the system text opens the first
+  message instead."""
+  msgs = [{"role": "system", "content": system}, *messages]
+  try:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+  except Exception:  # templates without a system role raise
+    first = dict(msgs[1], content=system + "\n\n" + msgs[1]["content"])
+    return tokenizer.apply_chat_template([first, *msgs[2:]], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
 class PromptFormatter:
   """Turns (persona, context, text) into token pieces around the soft slot.
 
@@ -331,13 +344,7 @@ class PromptFormatter:
     """The chat template over `messages`, after a system message holding the
     persona, the soft slot and then `system`."""
     system = (persona or "") + _SOFT_MARK + (f"\n\n{system}" if system else "")
-    msgs = [{"role": "system", "content": system}, *messages]
-    kw = dict(tokenize=False, add_generation_prompt=not with_text)
-    try:
-      return self.tok.apply_chat_template(msgs, **kw)
-    except Exception:  # templates without a system role (e.g. Gemma) raise
-      first = dict(msgs[1], content=system + "\n\n" + msgs[1]["content"])
-      return self.tok.apply_chat_template([first, *msgs[2:]], **kw)
+    return render_chat(self.tok, system, messages, add_generation_prompt=not with_text)
 
   def chat_pieces(self, persona: str | None, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """`(prefix, suffix)` token ids of a generation prompt for a conversation

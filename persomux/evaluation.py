@@ -74,16 +74,8 @@ def text_nll(model, tokenizer, prompts: Sequence[str], texts: Sequence[str], *, 
     if len(pid) > room:
       pid = pid[:1] + (pid[len(pid) - (room - 1):] if room > 1 else [])
     examples.append(data_lib.Example(np.asarray(pid, np.int32), np.zeros(0, np.int32), np.asarray(tid, np.int32), 0))
-  sums, counts = np.zeros(len(texts)), np.zeros(len(texts))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  buckets = data_lib.default_buckets(max_len)
-  order = np.argsort([len(e) for e in examples], kind="stable")  # similar lengths share a batch
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    batch = data_lib.collate([examples[i] for i in idx], batch_size, buckets, pad)
-    s, c = train.row_losses(model, None, batch, np.float32(1.0))
-    sums[idx], counts[idx] = np.asarray(s)[:len(idx)], np.asarray(c)[:len(idx)]
-  return sums, counts
+  return train.score_examples(model, examples, batch_size=batch_size, max_len=max_len, pad_id=pad)
 
 
 def token_mean(sums, counts) -> float:

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from persomux import data as data_lib
 from persomux import prompts as prompts_lib
 from persomux.checkpoint import Checkpointer, Part
 
@@ -103,6 +104,21 @@ def row_losses(trunk, prompt, batch, bias_scale):
   """Per-row `(nll sum, target tokens)` `[batch]`."""
   nll, mask = token_nll(trunk, prompt, batch, bias_scale)
   return nll.sum(-1), mask.sum(-1)
+
+
+def score_examples(model, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int = 0,
+                   prompt=None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example `(nll sum [N], target tokens [N])` of `data.Example`s under `model`
+  (and `prompt`, if given), batched by similar length."""
+  sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+  buckets = data_lib.default_buckets(max_len)
+  order = np.argsort([len(e) for e in examples], kind="stable")  # similar lengths share a batch
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    batch = data_lib.collate([examples[i] for i in idx], batch_size, buckets, pad_id)
+    s, c = row_losses(model, prompt, batch, np.float32(1.0))
+    sums[idx], counts[idx] = np.asarray(s)[:len(idx)], np.asarray(c)[:len(idx)]
+  return sums, counts
 
 
 def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale=1.0,

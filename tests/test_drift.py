@@ -1,0 +1,147 @@
+"""Drift approximation (`persomux.drift`): W − L, p and predictions against a
+direct computation with transformers on a tiny model; accumulation; weights
+I/O; pairs-file errors; the `launch/drift.py` fit and predict commands."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import persomux
+from persomux import data as data_lib
+from persomux import drift, synthetic
+from persomux.tokenizer import train_bpe_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ATTRS = {"Formal": "You are an AI assistant with a formal tone.", "Humor": "You are a humorous AI assistant.",
+         "Concise": "You are an AI assistant with a concise response rather than verbosity.",
+         "Pirate": "You talk like a pirate."}
+PAIRS = [drift.Pair("What is the harbor like?", "The harbor is calm and quiet.", "harbor lol so wild!!"),
+         drift.Pair("Any plans?", "I shall visit the market.", "market time, whatever"),
+         drift.Pair("Tell me a story.", "Once, a tower stood by the sea.", "uh, towers, I guess"),
+         drift.Pair("How was your day?", "It was pleasant, thank you.", "meh")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("drift")
+  records = synthetic.make_corpus(synthetic.SyntheticCorpusConfig(num_personas=4, examples_per_persona=6))
+  text = synthetic.population_text(records) + [p.prompt + " " + p.chosen + " " + p.rejected for p in PAIRS]
+  tok = train_bpe_tokenizer(text + list(ATTRS.values()) + [drift.BASE_PROMPT], vocab_size=400)
+  tok.chat_template = CHATML
+  torch.manual_seed(0)
+  hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+  d = str(tmp / "tiny")
+  hf.save_pretrained(d)
+  tok.save_pretrained(d)
+  model, tok = persomux.load_model(d)
+  return d, model, tok
+
+
+def hf_logprob(hf, tok, system, prompt, response) -> float:
+  """log π(response | prompt, system) summed over the response tokens, computed directly."""
+  text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                 tokenize=False, add_generation_prompt=True)
+  pid = tok(text, add_special_tokens=False)["input_ids"]
+  rid = tok(response, add_special_tokens=False)["input_ids"]
+  ids = torch.tensor([pid + rid])
+  with torch.no_grad():
+    logp = torch.log_softmax(hf(input_ids=ids).logits[0].double(), -1)
+  return float(sum(logp[len(pid) + i - 1, t] for i, t in enumerate(rid)))
+
+
+def test_w_minus_l_and_p_equal_a_direct_computation(tiny):
+  d, model, tok = tiny
+  hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+  base = np.array([[hf_logprob(hf, tok, drift.BASE_PROMPT, p.prompt, y) for y in (p.chosen, p.rejected)]
+                   for p in PAIRS])
+  ref_w, ref_l = [], []
+  for s in ATTRS.values():
+    lp = np.array([[hf_logprob(hf, tok, s, p.prompt, y) for y in (p.chosen, p.rejected)] for p in PAIRS])
+    ref_w.append(lp[:, 0] - base[:, 0])
+    ref_l.append(lp[:, 1] - base[:, 1])
+  ref_w, ref_l = np.array(ref_w), np.array(ref_l)
+  w, l = drift.differences(model, tok, PAIRS, ATTRS, drift.BASE_PROMPT, batch_size=4)
+  np.testing.assert_allclose(w, ref_w, atol=2e-4)
+  np.testing.assert_allclose(l, ref_l, atol=2e-4)
+  weights = drift.fit(model, tok, PAIRS, ATTRS, k=2, batch_size=4)
+  v = (ref_w - ref_l).sum(1)
+  np.testing.assert_allclose(weights.v, v, atol=5e-4)
+  # float32 log-probabilities of a random tiny model differ little between prompts, so
+  # ‖v‖ is small and normalizing it magnifies rounding: p agrees to 1e-3.
+  np.testing.assert_allclose(weights.p, v / np.linalg.norm(v), atol=1e-3)
+  top = sorted(np.argsort(-np.abs(v))[:2])
+  assert weights.selected == list(top)
+  scores = drift.predict(weights, model, tok, PAIRS, batch_size=4)
+  np.testing.assert_allclose(scores, (v / np.linalg.norm(v))[top] @ (ref_w - ref_l)[top], atol=1e-3)
+
+
+def test_more_pairs_extend_the_sums_and_weights_round_trip(tiny, tmp_path):
+  _, model, tok = tiny
+  whole = drift.fit(model, tok, PAIRS, ATTRS, k=3, batch_size=4)
+  first = drift.fit(model, tok, PAIRS[:2], ATTRS, k=3, batch_size=4)
+  both = drift.fit(model, tok, PAIRS[2:], ATTRS, k=3, batch_size=4, previous=first)
+  np.testing.assert_allclose(both.v, whole.v, atol=1e-4)
+  assert both.num_pairs == 4
+  with pytest.raises(ValueError, match="other attributes"):
+    drift.fit(model, tok, PAIRS, {"Formal": ATTRS["Formal"]}, previous=first)
+  path = str(tmp_path / "w.json")
+  whole.save(path)
+  back = drift.DriftWeights.load(path)
+  assert back.attributes == whole.attributes and back.top() == pytest.approx(whole.top())
+  saved = json.load(open(path))
+  assert len(saved["weights"]) == 3 and sum(a["selected"] for a in saved["attributes"]) == 3
+  assert {a["name"]: a["prompt"] for a in saved["attributes"]} == ATTRS
+  assert len(drift.DEFAULT_ATTRIBUTES) == 41
+
+
+def test_bad_pairs_files_name_the_line(tmp_path):
+  good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+  cases = {"missing.jsonl": [good, {"prompt": "p", "chosen": "a"}],
+           "empty_field.jsonl": [good, good, dict(good, chosen=" ")],
+           "not_json.jsonl": None, "empty.jsonl": []}
+  for name, rows in cases.items():
+    path = tmp_path / name
+    path.write_text("{oops\n" if rows is None else "".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(drift.PairsError, match=r"missing.jsonl:2: field 'rejected'"):
+    drift.load_pairs(str(tmp_path / "missing.jsonl"))
+  with pytest.raises(drift.PairsError, match=r"empty_field.jsonl:3: field 'chosen'"):
+    drift.load_pairs(str(tmp_path / "empty_field.jsonl"))
+  with pytest.raises(drift.PairsError, match=r"not_json.jsonl:1: not JSON"):
+    drift.load_pairs(str(tmp_path / "not_json.jsonl"))
+  with pytest.raises(drift.PairsError, match="empty"):
+    drift.load_pairs(str(tmp_path / "empty.jsonl"))
+
+
+def test_fit_and_predict_launches(tiny, tmp_path):
+  d, _, _ = tiny
+  pairs = tmp_path / "pairs.jsonl"
+  rows = [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, user=u) for u in ("ann", "bo") for p in PAIRS]
+  data_lib.write_jsonl(rows, str(pairs))
+  attrs = tmp_path / "attrs.json"
+  attrs.write_text(json.dumps(ATTRS))
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "launch", "drift.py"), *a],
+                                  capture_output=True, text=True, env=env, timeout=300)
+  fit = run("fit", f"--pairs={pairs}", f"--model={d}", f"--out={tmp_path / 'users'}", f"--attributes={attrs}",
+            "--k=2")
+  assert fit.returncode == 0, fit.stderr[-2000:]
+  assert (tmp_path / "users" / "ann.json").is_file() and (tmp_path / "users" / "bo.json").is_file()
+  pred = run("predict", f"--weights={tmp_path / 'users'}", f"--pairs={pairs}")
+  assert pred.returncode == 0, pred.stderr[-2000:]
+  last = pred.stdout.strip().splitlines()[-1]
+  assert last.startswith("drift accuracy = ") and len(last.split("= ")[1]) == 5
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+  out = run("fit", f"--pairs={bad}", f"--model={d}", f"--out={tmp_path / 'x.json'}")
+  assert out.returncode != 0 and "bad.jsonl:1: field 'rejected'" in out.stderr
