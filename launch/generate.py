@@ -28,6 +28,11 @@ flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per prompt."
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
 flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
+flags.DEFINE_string("drift", None, "Drift weights (launch/drift.py fit) that steer every reply toward a "
+                    "listener's preferences; the small LM is the one recorded in them unless --drift_model.")
+flags.DEFINE_string("drift_model", None, "The small LM for --drift (must share the trunk's tokenizer); "
+                    "default: the weights' model, or the trunk itself when that is the same.")
+flags.DEFINE_float("drift_beta", 0.5, "Drift strength: logits + (1/beta) * the attribute streams' pull.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")
 flags.DEFINE_string("output", None, "Write JSONL here instead of printing.")
@@ -45,6 +50,23 @@ def main(argv):
   except (KeyError, FileNotFoundError) as e:
     raise app.UsageError(str(e).strip('"')) from e
   persona_text = stages.persona_texts(FLAGS.workdir).get(FLAGS.persona)
+  weights = small = small_tok = None
+  if FLAGS.drift:
+    from persomux import drift
+    from persomux.models.params import load_model
+
+    try:
+      weights = drift.DriftWeights.load(FLAGS.drift)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(f"--drift: {e}") from e
+    name = FLAGS.drift_model or weights.model
+    if not name or name == run["model_dir"]:
+      small, small_tok = trunk, tokenizer
+    else:
+      small, small_tok = load_model(name, dtype=run.get("dtype") or None)
+    if small.config.vocab_size != trunk.config.vocab_size:
+      raise app.UsageError(f"--drift: the small LM {name!r} has a vocabulary of {small.config.vocab_size}, the "
+                           f"trunk {trunk.config.vocab_size}; Drift needs a shared tokenizer")
   fmt = stages.formatter_for(tokenizer, run)
   src = sys.stdin if FLAGS.prompts == "-" else open(FLAGS.prompts)
   lines = [l.rstrip("\n") for l in src if l.strip()]
@@ -57,10 +79,13 @@ def main(argv):
     for line in chunk:
       pre, suf = fmt.prompt_pieces(persona_text, line)
       rows.append((pre + suf, len(pre)))
+    streams = None
+    if weights is not None:
+      streams = drift.streams(small, small_tok, [weights] * len(chunk), chunk, beta=FLAGS.drift_beta)
     texts = sampling.generate_rows(
         trunk, tokenizer, rows, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
         top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed + start,
-        soft_prompts=sampling.SoftPrompts(module, [cid] * len(rows), FLAGS.bias_scale))
+        soft_prompts=sampling.SoftPrompts(module, [cid] * len(rows), FLAGS.bias_scale), logit_streams=streams)
     for line, text in zip(chunk, texts):
       if out:
         out.write(json.dumps({"persona": FLAGS.persona, "bias_scale": FLAGS.bias_scale, "prompt": line,

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from persomux import data as data_lib
-from persomux import train
+from persomux import sampling, train
 
 BASE_PROMPT = "You are an AI assistant."
 
@@ -263,3 +263,28 @@ def predict(weights: DriftWeights, model, tokenizer, pairs: Sequence[Pair], **kw
   attrs = {names[i]: weights.attributes[names[i]] for i in keep}
   w, l = differences(model, tokenizer, pairs, attrs, weights.base_prompt, **kw)
   return weights.p[keep] @ (w - l)
+
+
+def streams(small_model, tokenizer, weights: Sequence[DriftWeights | None], messages: Sequence[str], *,
+            beta: float = 0.5) -> sampling.LogitStreams:
+  """Drift decoding (Algorithm 2) for a batch: row r is steered by `weights[r]`
+  (None: not steered) given its user message `messages[r]`.
+
+  Each row gets the small LM's base stream (s₀) and one stream per kept
+  attribute (s_i), all in the small LM's chat format; rows with fewer kept
+  attributes are padded with weight-0 streams. Pass the result to
+  `persomux.generate(..., logit_streams=)`: every step then samples from
+  h_LLM + (1/β) Σ_i p_i (h_i − h_base). Defaults: β = 0.5 (top-p 0.9 is the
+  sampler's to set).
+  """
+  if len(weights) != len(messages):
+    raise ValueError(f"{len(weights)} Drift weights for {len(messages)} messages; give one (or None) per row")
+  width = max([len(w.selected) for w in weights if w is not None] or [1])
+  ids, rows = [], []
+  for w, x in zip(weights, messages):
+    base = w.base_prompt if w is not None else BASE_PROMPT
+    kept = [] if w is None else [(w.names[i], float(w.p[i])) for i in w.selected]
+    prompts = [base] + [w.attributes[n] for n, _ in kept] + [base] * (width - len(kept))
+    ids.append([_prompt_ids(tokenizer, s, x) for s in prompts])
+    rows.append([p for _, p in kept] + [0.0] * (width - len(kept)))
+  return sampling.LogitStreams(small_model, ids, np.asarray(rows, np.float32), beta)

@@ -36,6 +36,48 @@ class SoftPrompts:
   bias_scale: float | Sequence[float] = 1.0
 
 
+@dataclasses.dataclass
+class LogitStreams:
+  """Extra logit streams combined with the generator's at every step (e.g. Drift).
+
+  Row r of the batch has `S` streams: prompts `ids[r][s]` for `model`, a small
+  LM that shares the generator's vocabulary, each with its own KV cache and
+  each fed every generated token of row r. Stream 0 is the base; at each step
+
+      logits[r] = generator[r] + (1 / beta) * Σ_{s>=1} weights[r, s-1] * (stream_s[r] − stream_0[r]).
+
+  A row whose weights are all 0 gets exactly the generator's logits.
+  """
+
+  model: Any
+  ids: Sequence[Sequence[Sequence[int]]]  # [B][S] token ids
+  weights: Any  # [B, S - 1]
+  beta: float = 0.5
+
+
+def _streams_input(streams: LogitStreams, bsz: int):
+  """`(embeds [B*S, T, d], mask [B*S, T], weights [B, S-1])` of `streams`, T a bucket."""
+  if len(streams.ids) != bsz or len({len(r) for r in streams.ids}) != 1:
+    raise ValueError(f"logit streams: {len(streams.ids)} rows of streams for {bsz} prompts; expected one row "
+                     "per prompt, each with the same number of streams")
+  flat = [list(x) for row in streams.ids for x in row]
+  t = bucket(max(len(x) for x in flat))
+  ids = np.zeros((len(flat), t), np.int32)
+  mask = np.zeros((len(flat), t), np.int32)
+  for i, x in enumerate(flat):
+    ids[i, :len(x)] = x
+    mask[i, :len(x)] = 1
+  weights = np.asarray(streams.weights, np.float32).reshape(bsz, len(streams.ids[0]) - 1)
+  return streams.model.embed(jnp.asarray(ids)), jnp.asarray(mask), jnp.asarray(weights)
+
+
+def combine_logits(logits, stream_logits, weights, beta):
+  """`logits [B, V] + (1/beta) Σ_s weights[:, s] (stream_logits[:, s+1] − stream_logits[:, 0])`,
+  with `stream_logits` `[B, S, V]`."""
+  diff = stream_logits[:, 1:] - stream_logits[:, :1]
+  return logits + jnp.einsum("bs,bsv->bv", weights, diff) / beta
+
+
 def bucket(n: int, minimum: int = 16) -> int:
   """Smallest power of two >= max(n, minimum)."""
   b = minimum
@@ -141,20 +183,29 @@ def decode_step(model, caches, tokens, pos):
   return new_caches, model.logits(x)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"))
-def _prefill(graphdef, state, embeds, mask, rng, *, max_new):
-  """Prefills `embeds` `[B, S, d]` into caches for S + `max_new` positions; returns
-  the decode carry (see `_decode`)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sgraphdef", "beta"))
+def _prefill(graphdef, state, embeds, mask, rng, streams=None, *, max_new, sgraphdef=None, beta=1.0):
+  """Prefills `embeds` `[B, S, d]` into caches for S + `max_new` positions (and the
+  logit streams' prompts into theirs); returns the decode carry (see `_decode`)."""
   model = nnx.merge(graphdef, state)
   b, s, _ = embeds.shape
   caches, logits, lengths = prefill_caches(model, embeds, mask, s + max_new)
-  return {"i": jnp.int32(0), "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, max_new), jnp.int32),
-          "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
+  carry = {"i": jnp.int32(0), "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, max_new), jnp.int32),
+           "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
+  if streams is not None:
+    small = nnx.merge(sgraphdef, streams["state"])
+    s_caches, s_logits, s_lengths = prefill_caches(small, streams["embeds"], streams["mask"],
+                                                   streams["embeds"].shape[1] + max_new)
+    w = streams["weights"]
+    carry["logits"] = combine_logits(logits, s_logits.reshape(b, -1, s_logits.shape[-1]), w, beta)
+    carry["streams"] = {"caches": s_caches, "lengths": s_lengths, "weights": w}
+  return carry
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p", "sgraphdef", "beta"),
                    donate_argnames=("carry",))
-def _decode(graphdef, state, carry, eos_ids, limit, *, temperature, top_k, top_p):
+def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature, top_k, top_p, sgraphdef=None,
+            beta=1.0):
   """Decodes until step `limit` or until every row is done; returns the carry.
 
   The carry holds the step `i`, per-row `done` flags, the tokens so far
@@ -163,6 +214,7 @@ def _decode(graphdef, state, carry, eos_ids, limit, *, temperature, top_k, top_p
   """
   model = nnx.merge(graphdef, state)
   lengths = carry["lengths"]
+  b = lengths.shape[0]
 
   def body(c):
     rng, sub = jax.random.split(c["rng"])
@@ -170,8 +222,16 @@ def _decode(graphdef, state, carry, eos_ids, limit, *, temperature, top_k, top_p
     nxt = jnp.where(c["done"], 0, nxt)
     i = c["i"]
     caches, logits = decode_step(model, c["caches"], nxt, lengths + i)
-    return {"i": i + 1, "done": c["done"] | jnp.isin(nxt, eos_ids), "out": c["out"].at[:, i].set(nxt),
-            "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
+    out = {"i": i + 1, "done": c["done"] | jnp.isin(nxt, eos_ids), "out": c["out"].at[:, i].set(nxt),
+           "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
+    if "streams" in c:
+      st = c["streams"]
+      small = nnx.merge(sgraphdef, sstate)
+      per_row = st["lengths"].shape[0] // b
+      s_caches, s_logits = decode_step(small, st["caches"], jnp.repeat(nxt, per_row), st["lengths"] + i)
+      out["logits"] = combine_logits(logits, s_logits.reshape(b, per_row, -1), st["weights"], beta)
+      out["streams"] = dict(st, caches=s_caches)
+    return out
 
   def cond(c):
     return (c["i"] < limit) & ~jnp.all(c["done"])
@@ -217,7 +277,8 @@ def _soft_tokens(soft_prompts, bsz: int):
 def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None, *, max_new_tokens: int,
                  soft_prompts=None, soft_index: np.ndarray | None = None, eos_ids: Sequence[int] = (),
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, stop_fn=None, stop_chunk: int = 8) -> np.ndarray:
+                 seed: int = 0, stop_fn=None, stop_chunk: int = 8,
+                 logit_streams: LogitStreams | None = None) -> np.ndarray:
   """Token-level generation.
 
   Args:
@@ -227,6 +288,8 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
     eos_ids: tokens that end a row.
     stop_fn: optional `tokens [B, n] -> bool [B]`, called every `stop_chunk`
       steps; rows it flags stop decoding (e.g. a stop string appeared).
+    logit_streams: optional `LogitStreams` combined with the logits at every
+      step (Drift decoding); None decodes exactly as without.
 
   Returns:
     `[B, max_new_tokens]` int32; a row is 0 after its EOS.
@@ -248,10 +311,17 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
     embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
     mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
   graphdef, state = nnx.split(model)
-  carry = _prefill(graphdef, state, embeds, mask, jax.random.key(seed), max_new=bucket(max_new_tokens))
+  stream_kw, streams, sstate = {}, None, None
+  if logit_streams is not None:
+    sgraphdef, sstate = nnx.split(logit_streams.model)
+    s_embeds, s_mask, weights = _streams_input(logit_streams, b)
+    streams = {"state": sstate, "embeds": s_embeds, "mask": s_mask, "weights": weights}
+    stream_kw = {"sgraphdef": sgraphdef, "beta": float(logit_streams.beta)}
+  carry = _prefill(graphdef, state, embeds, mask, jax.random.key(seed), streams, max_new=bucket(max_new_tokens),
+                   **stream_kw)
   eos = jnp.asarray(np.array(list(eos_ids) or [-1], np.int32))
-  decode = functools.partial(_decode, graphdef, state, eos_ids=eos, temperature=float(temperature), top_k=top_k,
-                             top_p=top_p)
+  decode = functools.partial(_decode, graphdef, state, eos_ids=eos, sstate=sstate, temperature=float(temperature),
+                             top_k=top_k, top_p=top_p, **stream_kw)
   if stop_fn is None:
     carry = decode(carry, limit=jnp.int32(max_new_tokens))
   else:
@@ -268,7 +338,8 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             soft_prompts: SoftPrompts | Any | None = None, stop: Sequence[str] | None = None) -> list[str]:
+             soft_prompts: SoftPrompts | Any | None = None, stop: Sequence[str] | None = None,
+             logit_streams: LogitStreams | None = None) -> list[str]:
   """Generates a continuation of each prompt; returns them without the prompt.
 
   Args:
@@ -284,15 +355,18 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
       one class id (and optionally one bias scale) per row; or per-row soft
       embeddings `[batch, P, d]` (a `(embeds, lengths)` pair for ragged rows).
     stop: strings that end a row's continuation (the stop string is cut).
+    logit_streams: e.g. `persomux.drift.streams(...)`: Drift decoding, each row
+      steered by its own user's weights (rows with none decode as without).
   """
   return generate_rows(model, tokenizer, [_encode(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, soft_prompts=soft_prompts,
-                       stop=stop)
+                       stop=stop, logit_streams=logit_streams)
 
 
 def generate_rows(model, tokenizer, rows: Sequence[tuple[Sequence[int], int]], *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int = 0, soft_prompts=None, stop: Sequence[str] | None = None) -> list[str]:
+                  seed: int = 0, soft_prompts=None, stop: Sequence[str] | None = None,
+                  logit_streams: LogitStreams | None = None) -> list[str]:
   """`generate` for prompts already tokenized as `(ids, soft_index)` rows."""
   t = max(len(ids) for ids, _ in rows)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -315,7 +389,7 @@ def generate_rows(model, tokenizer, rows: Sequence[tuple[Sequence[int], int]], *
   out = generate_ids(model, ids, np.array([len(r) for r, _ in rows]), max_new_tokens=max_new_tokens,
                      soft_prompts=soft_prompts, soft_index=np.array([si for _, si in rows]),
                      eos_ids=eos.tolist(), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop_fn=stop_fn)
+                     stop_fn=stop_fn, logit_streams=logit_streams)
   texts = []
   for row in out:
     text = text_of(row)

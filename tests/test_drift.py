@@ -145,3 +145,95 @@ def test_fit_and_predict_launches(tiny, tmp_path):
   bad.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
   out = run("fit", f"--pairs={bad}", f"--model={d}", f"--out={tmp_path / 'x.json'}")
   assert out.returncode != 0 and "bad.jsonl:1: field 'rejected'" in out.stderr
+
+
+# --- Drift decoding -----------------------------------------------------------------------
+
+
+def _rows(tok, messages):
+  """Generator prompts (a plain chat prompt per message) as `(ids, soft_index)` rows."""
+  out = []
+  for x in messages:
+    text = tok.apply_chat_template([{"role": "user", "content": x}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    out.append((ids, 0))
+  return out
+
+
+def _tokens(model, tok, rows, n, **kw):
+  from persomux import sampling
+
+  t = max(len(r) for r, _ in rows)
+  ids = np.zeros((len(rows), t), np.int32)
+  for i, (r, _) in enumerate(rows):
+    ids[i, :len(r)] = r
+  return sampling.generate_ids(model, ids, np.array([len(r) for r, _ in rows]), max_new_tokens=n,
+                               soft_index=np.array([s for _, s in rows]), **kw)
+
+
+def test_drift_with_zero_weights_is_bit_identical(tiny):
+  _, model, tok = tiny
+  weights = drift.fit(model, tok, PAIRS, ATTRS, k=3, batch_size=4)
+  weights.v = np.zeros_like(weights.v)  # p = 0
+  msgs = ["What is the harbor like?", "Any plans?"]
+  rows = _rows(tok, msgs)
+  for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=3)):
+    plain = _tokens(model, tok, rows, 12, **kw)
+    steered = _tokens(model, tok, rows, 12, logit_streams=drift.streams(model, tok, [weights, None], msgs), **kw)
+    np.testing.assert_array_equal(plain, steered)
+
+
+def test_drift_decoding_equals_a_step_by_step_reference(tiny):
+  import jax.numpy as jnp
+
+  _, model, tok = tiny
+  weights = drift.fit(model, tok, PAIRS, ATTRS, k=2, batch_size=4)
+  msg = "Tell me a story."
+  rows = _rows(tok, [msg])
+  beta, n = 0.5, 10
+  got = _tokens(model, tok, rows, n, logit_streams=drift.streams(model, tok, [weights], [msg], beta=beta))[0]
+  # Outside the sampler: full forward passes over prompt + generated tokens, every step.
+  keep = weights.selected
+  systems = [weights.base_prompt] + [weights.attributes[weights.names[i]] for i in keep]
+  streams = [drift._prompt_ids(tok, s, msg) for s in systems]
+  last = lambda ids: np.asarray(model(jnp.asarray([ids]))[0, -1], np.float64)
+  gen, moved = list(rows[0][0]), 0.0
+  want = []
+  for _ in range(n):
+    h = last(gen)
+    hs = [last(s + want) for s in streams]
+    steer = sum(weights.p[i] * (hs[j + 1] - hs[0]) for j, i in enumerate(keep)) / beta
+    moved = max(moved, float(np.abs(steer).max()))
+    t = int(np.argmax(h + steer))
+    want.append(t)
+    gen.append(t)
+    if t == tok.eos_token_id:
+      break
+  assert moved > 1e-3  # the streams really steer
+  np.testing.assert_array_equal(got[:len(want)], want)
+
+
+def test_mixed_drift_and_persona_batch_equals_rows_alone(tiny):
+  import jax
+  from flax import nnx
+
+  from persomux import prompts, sampling
+
+  _, model, tok = tiny
+  ann = drift.fit(model, tok, PAIRS[:2], ATTRS, k=2, batch_size=4)
+  bo = drift.fit(model, tok, PAIRS[2:], ATTRS, k=3, batch_size=4)
+  pm = prompts.PersonaMux(3, model.config.d_model, num_codes=4, code_tokens=2, bias_tokens=2, init_std=0.5,
+                          rngs=nnx.Rngs(1))
+  pm.mixtures[...] = jax.random.normal(jax.random.key(2), pm.mixtures.shape)
+  msgs = ["What is the harbor like?", "Any plans?", "How was your day?"]
+  users, personas, scales = [ann, None, bo], [0, 1, 2], [1.0, 0.5, 0.0]
+  rows = _rows(tok, msgs)
+  kw = dict(temperature=0.0)
+  batch = _tokens(model, tok, rows, 10, soft_prompts=sampling.SoftPrompts(pm, personas, scales),
+                  logit_streams=drift.streams(model, tok, users, msgs), **kw)
+  for r in range(3):
+    alone = _tokens(model, tok, rows[r:r + 1], 10, soft_prompts=sampling.SoftPrompts(pm, [personas[r]], [scales[r]]),
+                    logit_streams=drift.streams(model, tok, [users[r]], msgs[r:r + 1]), **kw)
+    eos = np.flatnonzero(alone[0] == tok.eos_token_id)
+    end = int(eos[0]) + 1 if len(eos) else 10
+    np.testing.assert_array_equal(batch[r][:end], alone[0][:end])

@@ -67,6 +67,15 @@ def test_pretrain_finetune_generate(setup):
   assert all(r["persona"] == persona and isinstance(r["generation"], str) for r in rows)
   bad = run("generate.py", f"--workdir={workdir}", "--persona=nobody", f"--prompts={prompts}", check=False)
   assert bad.returncode != 0 and "nobody" in bad.stderr
+  # Drift: weights from two pairs steer the same persona's replies (the trunk is its own small LM).
+  pairs = tmp / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in [
+      ("Tell me about the harbor.", "The harbor is calm.", "harbor!!"), ("Any plans?", "The market.", "nah")]))
+  run("drift.py", "fit", f"--pairs={pairs}", f"--model={model_dir}", f"--out={tmp / 'drift.json'}", "--k=2")
+  assert len(json.load(open(tmp / "drift.json"))["weights"]) == 2
+  run("generate.py", f"--workdir={workdir}", f"--persona={persona}", f"--prompts={prompts}", "--max_new_tokens=8",
+      f"--drift={tmp / 'drift.json'}", f"--output={tmp / 'drift_out.jsonl'}")
+  assert len([json.loads(l) for l in open(tmp / "drift_out.jsonl")]) == 2
 
   # Two brand-new personas join the trained codebook; then the bank exports every persona.
   new = [dict(r, **{"class": "newcomer_" + r["class"][-2:]}) for r in
