@@ -10,7 +10,9 @@ Then, with the `openai` client (any OpenAI-compatible client works):
   reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi!"}],
                                          extra_body={"persona": "persona_0003", "bias_scale": 1.0})
 
-Requests for different personas share decode steps (continuous batching over
+A request's `drift` field names a user whose Drift weights are stored as
+WORKDIR/drift/USER.json (launch/drift.py fit --out=...); their replies are
+steered toward that user's preferences. Requests for different personas share decode steps (continuous batching over
 --slots rows). `POST /v1/personas` adds personas while serving (an
 add_personas job in the background); they join the bank when it finishes.
 Endpoints and errors: `persomux/serving/app.py`. The server binds to
@@ -35,6 +37,10 @@ flags.DEFINE_integer("max_context", 1024, "Most positions per request: prompt, s
 flags.DEFINE_integer("queue_size", 64, "Requests that may wait for a slot; beyond it a request gets 429.")
 flags.DEFINE_integer("max_tokens", 256, "Reply length when a request gives no max_tokens.")
 flags.DEFINE_string("model_id", None, "The model id clients pass (default: the run's model name).")
+flags.DEFINE_integer("drift_streams", 0, "Drift: small-LM streams per slot (the base + up to this - 1 attributes "
+                     "of a user's weights), e.g. 8; 0 (the default) turns Drift off. The trunk is its own "
+                     "small LM; each slot then holds this many more rows of KV cache.")
+flags.DEFINE_float("drift_beta", 0.5, "Drift strength: logits + (1/beta) * the attribute streams' pull.")
 flags.DEFINE_bool("allow_training", True, "Let POST /v1/personas run add_personas jobs on this server.")
 
 
@@ -54,8 +60,8 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   common.setup(run)
   trunk, tokenizer = stages.load_trunk(run)
-  engine = Engine(trunk, tokenizer, slots=FLAGS.slots, max_context=FLAGS.max_context,
-                  queue_size=FLAGS.queue_size).start()
+  engine = Engine(trunk, tokenizer, slots=FLAGS.slots, max_context=FLAGS.max_context, queue_size=FLAGS.queue_size,
+                  drift_streams=FLAGS.drift_streams, drift_beta=FLAGS.drift_beta).start()
   model_id = FLAGS.model_id or os.path.basename(os.path.normpath(run["model_dir"]))
   service = None
 
@@ -66,7 +72,8 @@ def main(argv):
     return {k: out[k] for k in ("initial_test_loss", "test_loss", "per_persona")}
 
   service = Service(engine, bank, stages.formatter_for(tokenizer, run), model_id, max_tokens_default=FLAGS.max_tokens,
-                    add_personas=add_personas if FLAGS.allow_training else None)
+                    add_personas=add_personas if FLAGS.allow_training else None,
+                    drift_dir=os.path.join(FLAGS.workdir, "drift"))
   where = "this machine only" if FLAGS.host in ("127.0.0.1", "localhost", "::1") else \
       "THE NETWORK (no authentication)"
   print(f"serving {len(bank)} personas of {FLAGS.workdir} as model {model_id!r} on "

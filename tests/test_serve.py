@@ -282,3 +282,51 @@ def test_adding_personas_while_serving(server, client, run_dir):
     time.sleep(0.5)
   failed = httpx.get(f"{server.url}/v1/jobs/again").json()
   assert failed["status"] == "failed" and "guest_0" in failed["error"]
+
+
+def test_drift_steered_replies_equal_drift_generate(run_dir):
+  """`drift` names a stored user's weights; the steered reply equals persomux's Drift
+  decoding outside the server, and an unsteered request in the same batch is unchanged."""
+  from persomux import drift
+
+  workdir, model_dir = run_dir
+  trunk, tok = persomux.load_model(model_dir)
+  pairs = [drift.Pair("What is the harbor like?", "The harbor is calm and quiet.", "harbor lol"),
+           drift.Pair("Any plans?", "I shall visit the market.", "market, whatever")]
+  attrs = {"Formal": "You are an AI assistant with a formal tone.", "Humor": "You are a humorous AI assistant.",
+           "Concise": "You are an AI assistant with a concise response rather than verbosity."}
+  w = drift.fit(trunk, tok, pairs, attrs, k=3)
+  w.save(os.path.join(workdir, "drift", "ann.json"))
+  # A strong pull (beta 0.05): a random tiny trunk's attribute prompts differ only a little.
+  s = Server(workdir, "--slots=2", "--max_context=256", "--drift_streams=4", "--drift_beta=0.05")
+  try:
+    client = OpenAI(base_url=f"{s.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    name = httpx.get(f"{s.url}/v1/personas").json()["data"][1]["name"]
+    messages = [{"role": "user", "content": "Tell me about the tower."}]
+    out = {}
+
+    def ask(key, extra):
+      out[key] = client.chat.completions.create(model=_model(client), messages=messages, max_tokens=16,
+                                                temperature=0, extra_body={"persona": name, **extra})
+
+    threads = [threading.Thread(target=ask, args=("drift", {"drift": "ann"})),
+               threading.Thread(target=ask, args=("plain", {}))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(timeout=120)
+    bank = PersonaBank.load(workdir)
+    fmt = stages.formatter_for(tok, stages.load_run(workdir))
+    pre, suf = fmt.chat_pieces(bank[name].text, messages)
+    row = [(pre + suf, len(pre))]
+    steered = sampling.generate_rows(trunk, tok, row, max_new_tokens=16, soft_prompts=bank.soft_prompts([name]),
+                                     logit_streams=drift.streams(trunk, tok, [w], [messages[0]["content"]], beta=0.05))[0]
+    plain = sampling.generate_rows(trunk, tok, row, max_new_tokens=16, soft_prompts=bank.soft_prompts([name]))[0]
+    assert out["drift"].choices[0].message.content == steered
+    assert out["plain"].choices[0].message.content == plain
+    assert steered != plain  # the weights really steer
+    r = httpx.post(f"{s.url}/v1/chat/completions", json={"model": _model(client), "messages": messages,
+                                                          "drift": "nobody"}, timeout=30)
+    assert r.status_code == 404 and "nobody" in r.json()["error"]["message"]
+  finally:
+    s.close()

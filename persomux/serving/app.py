@@ -3,7 +3,8 @@
 Endpoints:
   POST /v1/chat/completions   OpenAI's chat completions, plus `persona` (a bank
                               name; none: the base model) and `bias_scale`
-                              (default 1.0); `stream` sends server-sent events
+                              (default 1.0), `drift` (a stored user's Drift weights,
+                              RUN/drift/USER.json); `stream` sends server-sent events
   GET  /v1/models             the served base model (a request's `model` must be its id)
   GET  /v1/personas           the bank: name, job, text persona
   POST /v1/personas           `{"records": [...], "job": NAME, "replace": false}`:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import traceback
@@ -46,6 +48,7 @@ class ChatRequest(BaseModel):
   messages: list[Message] = Field(min_length=1)
   persona: str | None = None
   bias_scale: float = Field(1.0, ge=0.0, le=4.0)
+  drift: str | None = None
   max_tokens: int | None = Field(None, ge=1)
   max_completion_tokens: int | None = Field(None, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -78,8 +81,9 @@ class Service:
   """What the app serves: the engine, the bank, and the add_personas jobs."""
 
   def __init__(self, engine: Engine, bank, formatter: data_lib.PromptFormatter, model_id: str, *,
-               max_tokens_default: int = 256, add_personas=None):
+               max_tokens_default: int = 256, add_personas=None, drift_dir: str | None = None):
     self.engine, self.bank, self.fmt, self.model_id = engine, bank, formatter, model_id
+    self.drift_dir = drift_dir  # stored users' Drift weights: DRIFT_DIR/USER.json
     self.max_tokens_default = max_tokens_default
     self.add_personas = add_personas  # (records, job, replace) -> result dict, or None: no training
     self.jobs: dict[str, dict] = {}
@@ -87,6 +91,29 @@ class Service:
     self._job_thread: threading.Thread | None = None
     self._job_queue: list[tuple[str, list, bool]] = []
     self.created = int(time.time())
+
+  def drift_streams(self, user: str, message: str) -> tuple[list[list[int]], list[float]]:
+    """The Drift stream prompts and weights of stored user `user` for `message`; raises
+    KeyError (unknown user) or ValueError (no Drift on this server)."""
+    from persomux import drift, stages
+
+    width = self.engine.drift_streams
+    if not width or not self.drift_dir:
+      raise ValueError("this server runs without Drift (start launch/serve.py with --drift_streams)")
+    try:
+      stages.check_job_name(user)
+    except stages.JobError:
+      raise KeyError(user) from None
+    path = os.path.join(self.drift_dir, f"{user}.json")
+    if not os.path.isfile(path):
+      raise KeyError(user)
+    w = drift.DriftWeights.load(path)
+    kept = sorted(w.selected, key=lambda i: -abs(float(w.p[i])))[:width - 1]
+    systems = [w.base_prompt] + [w.attributes[w.names[i]] for i in kept]
+    weights = [float(w.p[i]) for i in kept]
+    systems += [w.base_prompt] * (width - len(systems))
+    weights += [0.0] * (width - 1 - len(weights))
+    return [drift._prompt_ids(self.fmt.tok, s, message) for s in systems], weights
 
   def set_bank(self, bank) -> None:
     self.bank = bank  # requests already running keep the module they started with
@@ -192,11 +219,22 @@ def create_app(service: Service) -> FastAPI:
       module, class_id = bank.module, bank.class_ids([body.persona])[0]
       persona_text = bank[body.persona].text
     pre, suf = service.fmt.chat_pieces(persona_text, [m.model_dump() for m in body.messages])
+    stream_ids = stream_weights = None
+    if body.drift is not None:
+      last_user = next((m.content for m in reversed(body.messages) if m.role == "user"), body.messages[-1].content)
+      try:
+        stream_ids, stream_weights = service.drift_streams(body.drift, last_user)
+      except KeyError:
+        return _error(404, f"no stored Drift weights for user {body.drift!r} (launch/drift.py fit --out="
+                      f"{service.drift_dir or 'RUN/drift'}/{body.drift}.json)", "invalid_request_error",
+                      "drift_not_found")
+      except ValueError as e:
+        return _error(400, str(e), "invalid_request_error")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     req = Request(prompt_ids=pre + suf, soft_index=len(pre), prompt_module=module, class_id=class_id,
-                  bias_scale=body.bias_scale,
+                  bias_scale=body.bias_scale, stream_ids=stream_ids, stream_weights=stream_weights,
                   max_tokens=body.max_completion_tokens or body.max_tokens or service.max_tokens_default,
                   temperature=body.temperature, top_p=body.top_p,
                   seed=body.seed if body.seed is not None else int.from_bytes(__import__("os").urandom(4), "little"),

@@ -54,6 +54,8 @@ class Request:
   soft_index: int
   emit: Callable[[str, str | None], None]
   prompt_module: Any = None  # e.g. `PersonaBank.module`; None: no soft tokens
+  stream_ids: Sequence[Sequence[int]] | None = None  # Drift: the small LM's S stream prompts (base first)
+  stream_weights: Sequence[float] | None = None  # Drift: [S - 1] weights of the attribute streams
   class_id: int = 0  # the request's row of `prompt_module`
   bias_scale: float = 1.0
   max_tokens: int = 256
@@ -99,9 +101,10 @@ def _row_keys(seeds, positions):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "total"), donate_argnames=("caches",))
 def _prefill_slot(graphdef, state, caches, slot, ids, length, soft, soft_len, soft_index, seed, temperature, top_p,
-                  *, total):
+                  steer, *, total):
   """Prefills one prompt `ids` `[1, T]` (real `length`) with its soft tokens into
-  row `slot` of `caches`; returns `(caches, first token, prompt length)`."""
+  row `slot` of `caches`; the first token is sampled from its logits + `steer`
+  `[V]` (Drift's pull, or 0). Returns `(caches, first token, prompt length)`."""
   model = nnx.merge(graphdef, state)
   t = ids.shape[1]
   embeds = model.embed(ids)
@@ -110,8 +113,26 @@ def _prefill_slot(graphdef, state, caches, slot, ids, length, soft, soft_len, so
   row, logits, lengths = sampling.prefill_caches(model, embeds, mask, total)
   caches = [{k: jax.lax.dynamic_update_slice_in_dim(c[k], r[k], slot, axis=0) for k in c}
             for c, r in zip(caches, row)]
-  first = sample_rows(logits, _row_keys(seed[None], lengths), temperature[None], top_p[None])
+  first = sample_rows(logits + steer[None], _row_keys(seed[None], lengths), temperature[None], top_p[None])
   return caches, first[0], lengths[0]
+
+
+def _pull(stream_logits, weights, beta):
+  """Drift's (1/β) Σ_s w_s (h_s − h_0) `[B, V]` from `[B, S, V]` logits; 0 where a weight is 0."""
+  diff = stream_logits[:, 1:] - stream_logits[:, :1]
+  return jnp.sum(jnp.where(weights[..., None] != 0, weights[..., None] * diff, 0.0), axis=1) / beta
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "total"), donate_argnames=("caches",))
+def _prefill_streams(graphdef, state, caches, row, ids, lengths, weights, beta, *, total):
+  """Prefills a slot's S Drift stream prompts `ids` `[S, T]` into rows `row..row+S`
+  of the stream caches; returns `(caches, the pull on the first token [V])`."""
+  model = nnx.merge(graphdef, state)
+  mask = (jnp.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+  rows, logits, _ = sampling.prefill_caches(model, model.embed(ids), mask, total)
+  caches = [{k: jax.lax.dynamic_update_slice_in_dim(c[k], r[k], row, axis=0) for k in c}
+            for c, r in zip(caches, rows)]
+  return caches, _pull(logits[None], weights[None], beta)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
@@ -120,6 +141,19 @@ def _step(graphdef, state, caches, tokens, pos, seeds, temperature, top_p):
   model = nnx.merge(graphdef, state)
   caches, logits = sampling.decode_step(model, caches, tokens, pos)
   return caches, sample_rows(logits, _row_keys(seeds, pos + 1), temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sgraphdef"), donate_argnames=("caches", "scaches"))
+def _step_streams(graphdef, state, caches, tokens, pos, seeds, temperature, top_p, sgraphdef, sstate, scaches,
+                  spos, weights, beta):
+  """`_step` with Drift: every slot's S streams (`scaches` rows, at `spos`) are fed
+  the slot's token too, and each slot samples from its logits + its pull."""
+  model, small = nnx.merge(graphdef, state), nnx.merge(sgraphdef, sstate)
+  caches, logits = sampling.decode_step(model, caches, tokens, pos)
+  per = spos.shape[0] // tokens.shape[0]
+  scaches, slogits = sampling.decode_step(small, scaches, jnp.repeat(tokens, per), spos)
+  steered = logits + _pull(slogits.reshape(tokens.shape[0], per, -1), weights, beta)
+  return caches, scaches, sample_rows(steered, _row_keys(seeds, pos + 1), temperature, top_p)
 
 
 def _stop_overlap(text: str, stops: Sequence[str]) -> int:
@@ -140,7 +174,8 @@ class Engine:
   `class_id`), so personas added while serving never shift a running one.
   """
 
-  def __init__(self, trunk, tokenizer, *, slots: int = 8, max_context: int = 1024, queue_size: int = 64):
+  def __init__(self, trunk, tokenizer, *, slots: int = 8, max_context: int = 1024, queue_size: int = 64,
+               drift_model=None, drift_streams: int = 0, drift_beta: float = 0.5):
     if slots < 1 or max_context < 8 or queue_size < 1:
       raise ValueError(f"slots={slots}, max_context={max_context}, queue_size={queue_size}: expected slots >= 1, "
                        "max_context >= 8 and queue_size >= 1")
@@ -153,7 +188,19 @@ class Engine:
     self._rows: list[Request | None] = [None] * slots
     self._stopping = False
     self._thread: threading.Thread | None = None
-    self._caches = self._empty_caches()
+    self._caches = self._empty_caches(self.trunk, slots)
+    # Drift: `drift_streams` rows of the small LM's cache per slot (base + attributes).
+    self.drift_streams, self.drift_beta = drift_streams, float(drift_beta)
+    if drift_streams:
+      if drift_streams < 2:
+        raise ValueError(f"drift_streams={drift_streams}: expected 0 (no Drift) or at least 2 (base + 1 attribute)")
+      self._small = drift_model if drift_model is not None else trunk
+      if self._small.config.vocab_size != trunk.config.vocab_size:
+        raise ValueError("the Drift model's vocabulary differs from the trunk's; Drift needs a shared tokenizer")
+      self._sgraphdef, self._sstate = nnx.split(self._small)
+      self._scaches = self._empty_caches(self._small, slots * drift_streams)
+      self._spos = np.zeros((slots * drift_streams,), np.int32)
+      self._sweights = np.zeros((slots, drift_streams - 1), np.float32)
     self.stats = {"requests": 0, "completed": 0, "steps": 0, "max_active": 0, "generated_tokens": 0}
     self.error: BaseException | None = None
 
@@ -181,6 +228,14 @@ class Engine:
 
   def submit(self, request: Request) -> None:
     """Queues `request`; raises `PromptTooLong` or `QueueFull` (nothing is queued then)."""
+    if request.stream_ids is not None:
+      if not self.drift_streams:
+        raise ValueError("this server runs without Drift (start it with --drift_streams)")
+      if len(request.stream_ids) != self.drift_streams or len(request.stream_weights) != self.drift_streams - 1:
+        raise ValueError(f"Drift needs {self.drift_streams} streams and {self.drift_streams - 1} weights")
+      longest = max(len(x) for x in request.stream_ids)
+      if longest >= self.max_context:
+        raise PromptTooLong(f"a Drift stream prompt is {longest} tokens; the context holds {self.max_context}")
     total = len(request.prompt_ids) + self.soft_len(request)
     if total >= self.max_context:
       raise PromptTooLong(f"the prompt is {total} tokens (soft tokens included); the context holds "
@@ -202,13 +257,12 @@ class Engine:
 
   # --- the loop -------------------------------------------------------------------------
 
-  def _empty_caches(self):
-    cfg, model = self.trunk.config, self.trunk
-    return [{"k": jnp.zeros((self.slots, cfg.num_kv_heads, sampling._cache_len(model, kind, self.max_context),
-                             cfg.head_dim), model.dtype),
-             "v": jnp.zeros((self.slots, cfg.num_kv_heads, sampling._cache_len(model, kind, self.max_context),
-                             cfg.head_dim), model.dtype),
-             "pos": jnp.full((self.slots, sampling._cache_len(model, kind, self.max_context)), -1, jnp.int32)}
+  def _empty_caches(self, model, rows: int):
+    cfg = model.config
+    size = lambda kind: sampling._cache_len(model, kind, self.max_context)
+    return [{"k": jnp.zeros((rows, cfg.num_kv_heads, size(kind), cfg.head_dim), model.dtype),
+             "v": jnp.zeros((rows, cfg.num_kv_heads, size(kind), cfg.head_dim), model.dtype),
+             "pos": jnp.full((rows, size(kind)), -1, jnp.int32)}
             for kind in cfg.layer_types]
 
   def _loop(self):
@@ -266,10 +320,26 @@ class Engine:
       soft_len = soft_len[0]
     else:
       soft, soft_len = jnp.zeros((1, 1, d), jnp.float32), jnp.int32(0)
+    steer = jnp.zeros((self.trunk.config.vocab_size,), jnp.float32)
+    if self.drift_streams:
+      self._sweights[slot] = 0.0
+    if req.stream_ids is not None:
+      s = self.drift_streams
+      t_s = sampling.bucket(max(len(x) for x in req.stream_ids))
+      sids = np.zeros((s, t_s), np.int32)
+      for i, x in enumerate(req.stream_ids):
+        sids[i, :len(x)] = x
+      lens = np.array([len(x) for x in req.stream_ids], np.int32)
+      weights = np.asarray(req.stream_weights, np.float32)
+      self._scaches, steer = _prefill_streams(
+          self._sgraphdef, self._sstate, self._scaches, jnp.int32(slot * s), jnp.asarray(sids), jnp.asarray(lens),
+          jnp.asarray(weights), jnp.float32(self.drift_beta), total=self.max_context)
+      self._spos[slot * s:(slot + 1) * s] = lens
+      self._sweights[slot] = weights
     self._caches, first, length = _prefill_slot(
         self._graphdef, self._state, self._caches, jnp.int32(slot), jnp.asarray(padded), jnp.int32(len(ids)),
         soft, soft_len, jnp.int32(req.soft_index), jnp.uint32(req.seed % 2**32), jnp.float32(req.temperature),
-        jnp.float32(req.top_p), total=self.max_context)
+        jnp.float32(req.top_p), steer, total=self.max_context)
     self._rows[slot] = req
     self._pos[slot] = int(length)  # the first generated token's position
     self._last[slot] = int(first)
@@ -282,8 +352,17 @@ class Engine:
     seeds = np.array([(r.seed % 2**32) if r else 0 for r in rows], np.uint32)
     temps = np.array([r.temperature if r else 0.0 for r in rows], np.float32)
     top_p = np.array([r.top_p if r else 1.0 for r in rows], np.float32)
-    self._caches, nxt = _step(self._graphdef, self._state, self._caches, jnp.asarray(self._last),
-                              jnp.asarray(self._pos), jnp.asarray(seeds), jnp.asarray(temps), jnp.asarray(top_p))
+    steering = [r is not None and r.stream_ids is not None for r in rows]
+    args = (jnp.asarray(self._last), jnp.asarray(self._pos), jnp.asarray(seeds), jnp.asarray(temps),
+            jnp.asarray(top_p))
+    if any(steering):
+      weights = np.where(np.array(steering)[:, None], self._sweights, 0.0).astype(np.float32)
+      self._caches, self._scaches, nxt = _step_streams(
+          self._graphdef, self._state, self._caches, *args, self._sgraphdef, self._sstate, self._scaches,
+          jnp.asarray(self._spos), jnp.asarray(weights), jnp.float32(self.drift_beta))
+      self._spos += 1
+    else:
+      self._caches, nxt = _step(self._graphdef, self._state, self._caches, *args)
     nxt = np.asarray(nxt)
     self.stats["steps"] += 1
     for slot in np.flatnonzero(active):
@@ -303,6 +382,8 @@ class Engine:
     else:
       req.tokens.append(token)
       self.stats["generated_tokens"] += 1
+    if finish is None and (len(req.tokens) >= req.max_tokens or self._pos[slot] + 1 >= self.max_context):
+      finish = "length"
     text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
     if finish is None and text.endswith("\ufffd"):
       text = req.text  # an incomplete character: wait for the rest of its bytes
@@ -310,8 +391,6 @@ class Engine:
               default=-1)
     if cut >= 0:
       text, finish = text[:cut], "stop"
-    if finish is None and (len(req.tokens) >= req.max_tokens or self._pos[slot] + 1 >= self.max_context):
-      finish = "length"
     # Hold back an ending that may begin a stop string, until the next tokens settle it.
     upto = len(text) if finish is not None else len(text) - _stop_overlap(text, req.stop)
     upto = max(upto, len(req.text))
