@@ -201,25 +201,30 @@ def _prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
   return list(tokenizer(f"{system}\n\n{prompt}\n", add_special_tokens=True)["input_ids"])
 
 
-def response_logprobs(model, tokenizer, systems: Sequence[str], pairs: Sequence[Pair], *, batch_size: int = 16,
-                      max_len: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-  """`(chosen, rejected)` `[S, N]`: log π(y | x, s) summed over the response tokens
-  of each pair's chosen and rejected response, under each system prompt, in the
-  tokenizer's chat format (no chat template: "system\\n\\nprompt\\n"). Prompts
+def logprobs(model, tokenizer, systems: Sequence[str], prompts: Sequence[str], responses: Sequence[str], *,
+             batch_size: int = 16, max_len: int = 1024) -> np.ndarray:
+  """`[S, N]`: log π(response_n | prompt_n, system_s) summed over the response tokens,
+  in the tokenizer's chat format (no chat template: "system\n\nprompt\n"). Prompts
   longer than the budget lose their oldest tokens; responses keep their first."""
   examples = []
   for s in systems:
-    for pair in pairs:
-      pid = _prompt_ids(tokenizer, s, pair.prompt)
-      for y in (pair.chosen, pair.rejected):
-        yid = list(tokenizer(y, add_special_tokens=False)["input_ids"])[:max_len // 2]
-        keep = pid[-(max_len - len(yid)):]
-        examples.append(data_lib.Example(np.asarray(keep, np.int32), np.zeros(0, np.int32),
-                                         np.asarray(yid, np.int32), 0))
+    for x, y in zip(prompts, responses):
+      pid = _prompt_ids(tokenizer, s, x)
+      yid = list(tokenizer(y, add_special_tokens=False)["input_ids"])[:max_len // 2]
+      keep = pid[-(max_len - len(yid)):]
+      examples.append(data_lib.Example(np.asarray(keep, np.int32), np.zeros(0, np.int32),
+                                       np.asarray(yid, np.int32), 0))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   nll, _ = train.score_examples(model, examples, batch_size=batch_size, max_len=max_len, pad_id=pad)
-  lp = -nll.reshape(len(systems), len(pairs), 2)
-  return lp[..., 0], lp[..., 1]
+  return -nll.reshape(len(systems), len(prompts))
+
+
+def response_logprobs(model, tokenizer, systems: Sequence[str], pairs: Sequence[Pair], **kw
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """`(chosen, rejected)` `[S, N]`: `logprobs` of each pair's two responses."""
+  lp = logprobs(model, tokenizer, systems, [p.prompt for p in pairs for _ in (0, 1)],
+                [y for p in pairs for y in (p.chosen, p.rejected)], **kw)
+  return lp[:, 0::2], lp[:, 1::2]
 
 
 def differences(model, tokenizer, pairs: Sequence[Pair], attributes: Mapping[str, str], base_prompt: str,

@@ -237,3 +237,51 @@ def test_mixed_drift_and_persona_batch_equals_rows_alone(tiny):
     eos = np.flatnonzero(alone[0] == tok.eos_token_id)
     end = int(eos[0]) + 1 if len(eos) else 10
     np.testing.assert_array_equal(batch[r][:end], alone[0][:end])
+
+
+# --- the preference benchmark -------------------------------------------------------------
+
+
+def test_judge_measures_principles_by_hand():
+  from persomux import preference_bench as pb
+
+  text = "Hello! Please consider:\n- tea\n- cake\nHaha, isn't it fun?"
+  got = dict(zip(pb.PRINCIPLES, pb.judge(text)))
+  n = 9  # hello please consider tea cake haha isn't it fun
+  assert got["verbose"] == pytest.approx(np.log1p(n))
+  assert got["listy"] == pytest.approx(2 / 4)  # 2 list lines of 4
+  assert got["inquisitive"] == pytest.approx(1 / np.sqrt(n))
+  assert got["humorous"] == pytest.approx((1 + 1) / np.sqrt(n))  # one "!" and one "haha"
+  assert got["polite"] == pytest.approx(1 / np.sqrt(n))  # "please"
+  assert got["formal"] == pytest.approx((1 - 0 - 1) / np.sqrt(n))  # "consider"; one contraction
+
+
+def test_users_and_pairs_follow_the_hidden_mapping():
+  from persomux import preference_bench as pb
+
+  a, b = pb.make_users(5, seed=1), pb.make_users(5, seed=2)
+  assert not np.allclose(a.mapping, b.mapping)  # the mapping is resampled per seed
+  np.testing.assert_allclose(pb.make_users(5, seed=1).directions, a.directions)
+  d = a.attributes @ a.mapping
+  np.testing.assert_allclose(a.directions, d / np.linalg.norm(d, axis=1, keepdims=True))
+  util = np.array([0.0, 1.0, 0.1, -1.0])
+  pairs = pb.preference_pairs(util, [[0, 1, 2, 3]], np.random.default_rng(0))
+  assert all(util[c] > util[r] + 0.25 for c, r in pairs) and len(pairs) == 5  # 0-2 differ by 0.1 only
+  # Logistic regression orders separable features.
+  f = np.random.default_rng(0).normal(size=(40, 3)) + np.array([1.0, 0, 0])
+  assert pb.logistic_accuracy(f[:30], f[30:]) >= 0.8
+
+
+def test_preference_benchmark_runs_end_to_end(tiny, tmp_path):
+  d, _, _ = tiny
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "benchmark_preferences.py"),
+                         f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=6", "--pair_counts=2,4",
+                         "--gen_users=1", "--gen_prompts=1", "--best_of=2", "--max_new_tokens=6", "--k=3"],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| 2 |" in proc.stdout and "Best-of-2" in proc.stdout
+  report = json.load(open(tmp_path / "preferences.json"))
+  assert set(report["accuracy"]) == {"drift", "logistic", "chance"}
+  assert (tmp_path / "preferences.png").is_file() and (tmp_path / "preferences.md").is_file()

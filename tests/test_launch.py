@@ -109,9 +109,9 @@ def test_pretrain_on_a_simulated_mesh(setup):
 
 
 def test_help_is_clear():
-  for script in ("pretrain.py", "finetune.py", "add_personas.py", "serve.py", "drift.py", "evaluate.py", "generate.py", "export.py", "demo.py", "benchmark.py"):
+  for script in ("pretrain.py", "finetune.py", "add_personas.py", "serve.py", "drift.py", "benchmark_preferences.py", "evaluate.py", "generate.py", "export.py", "demo.py", "benchmark.py"):
     out = run(script, "--helpshort", check=False)
-    assert any(f in out.stdout for f in ("--workdir", "--suite", "--pairs")), script
+    assert any(f in out.stdout for f in ("--workdir", "--suite", "--pairs", "--out")), script
 
 
 def test_two_processes_train_like_one(setup):
