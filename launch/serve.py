@@ -17,6 +17,12 @@ steered toward that user's preferences. Requests for different personas share de
 add_personas job in the background); they join the bank when it finishes.
 Endpoints and errors: `persomux/serving/app.py`. The server binds to
 localhost unless --host says otherwise; it has no authentication.
+
+The preference feed is at http://127.0.0.1:8000/feed (`persomux/feed/`): readers
+sign in with a name and react (upvote, downvote, mark as AI) to real posts from
+the run's data mixed with posts each --feed_methods method wrote for the same
+contexts (generated in the background and kept, with the reactions, in
+WORKDIR/feed.sqlite). Results: /feed/results and launch/feed_report.py.
 """
 
 import os
@@ -42,6 +48,20 @@ flags.DEFINE_integer("drift_streams", 0, "Drift: small-LM streams per slot (the 
                      "small LM; each slot then holds this many more rows of KV cache.")
 flags.DEFINE_float("drift_beta", 0.5, "Drift strength: logits + (1/beta) * the attribute streams' pull.")
 flags.DEFINE_bool("allow_training", True, "Let POST /v1/personas run add_personas jobs on this server.")
+flags.DEFINE_bool("feed", True, "Serve the preference feed at /feed (posts generated in the background).")
+flags.DEFINE_list("feed_methods", ["base", "soft_prompt", "persona_mux", "drift"],
+                  "Methods that write feed posts: base, soft_prompt, random_codebook, persona_mux, drift (Drift "
+                  "needs --drift_streams and a reader's weights in WORKDIR/drift/READER.json).")
+flags.DEFINE_float("feed_share", 0.5, "Share of generated posts in each reader's feed.")
+flags.DEFINE_integer("feed_contexts", 32, "Contexts of the run's data the feed shows (each: a real post and one "
+                     "per method).")
+flags.DEFINE_integer("feed_max_tokens", 48, "Length of a generated feed post.")
+flags.DEFINE_float("feed_temperature", 1.0, "Sampling temperature of feed posts.")
+flags.DEFINE_float("feed_top_p", 0.95, "Top-p of feed posts.")
+flags.DEFINE_integer("feed_in_flight", 0, "Feed posts generated at once (0: half the slots), so chat requests "
+                     "keep the rest.")
+flags.DEFINE_bool("feed_results", True, "Show per-method results at /feed/results (a reader watching them while "
+                  "voting could tell a post's method; --nofeed_results keeps them to launch/feed_report.py).")
 
 
 def main(argv):
@@ -50,6 +70,7 @@ def main(argv):
 
   from persomux import stages
   from persomux.bank import PersonaBank
+  from persomux.feed import web as feed_web
   from persomux.serving.app import Service, create_app
   from persomux.serving.engine import Engine
 
@@ -74,14 +95,37 @@ def main(argv):
   service = Service(engine, bank, stages.formatter_for(tokenizer, run), model_id, max_tokens_default=FLAGS.max_tokens,
                     add_personas=add_personas if FLAGS.allow_training else None,
                     drift_dir=os.path.join(FLAGS.workdir, "drift"))
-  where = "this machine only" if FLAGS.host in ("127.0.0.1", "localhost", "::1") else \
-      "THE NETWORK (no authentication)"
+  local = FLAGS.host in ("127.0.0.1", "localhost", "::1")
+  where = "this machine only" if local else "THE NETWORK (no authentication)"
+  api = create_app(service)
+  feed_web.add_routes(api, make_feed(run, service, f"{FLAGS.host} ({where})") if FLAGS.feed else
+                      "started with --nofeed")
   print(f"serving {len(bank)} personas of {FLAGS.workdir} as model {model_id!r} on "
         f"http://{FLAGS.host}:{FLAGS.port}/v1 ({where}); {FLAGS.slots} slots", flush=True)
+  if FLAGS.feed:
+    print(f"the feed: http://{FLAGS.host}:{FLAGS.port}/feed (sign-in by name, no passwords)", flush=True)
   try:
-    uvicorn.run(create_app(service), host=FLAGS.host, port=FLAGS.port, log_level="warning")
+    uvicorn.run(api, host=FLAGS.host, port=FLAGS.port, log_level="warning")
   finally:
     engine.stop()
+
+
+def make_feed(run, service, where: str):
+  """The feed over this run, or a string saying why there is none (the chat API still serves)."""
+  from persomux import data as data_lib
+  from persomux.feed import pool, store
+
+  try:
+    return pool.Feed(FLAGS.workdir, run, service, methods=FLAGS.feed_methods, share=FLAGS.feed_share,
+                     contexts=FLAGS.feed_contexts, max_tokens=FLAGS.feed_max_tokens,
+                     temperature=FLAGS.feed_temperature, top_p=FLAGS.feed_top_p,
+                     in_flight=FLAGS.feed_in_flight or max(1, FLAGS.slots // 2), where=where,
+                     public_results=FLAGS.feed_results).start()
+  except data_lib.DataError as e:  # data the feed cannot use: the chat API serves on
+    print(f"the feed is off: {e}", flush=True)
+    return str(e)
+  except (ValueError, store.StoreError) as e:  # a bad flag or feed database
+    raise app.UsageError(str(e)) from e
 
 
 def run():

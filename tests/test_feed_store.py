@@ -183,17 +183,20 @@ def test_wilson_intervals_match_newcombe_1998():
 def test_results_per_method_and_the_plot(tmp_path):
   counts = {REAL: {"posts": 10, "shown": 9, "readers": 2, "up": 6, "down": 2, "ai": 1},
             "persona_mux": {"posts": 10, "shown": 8, "readers": 2, "up": 3, "down": 3, "ai": 2},
-            "base": {"posts": 10, "shown": 0, "readers": 0, "up": 0, "down": 0, "ai": 0}}
+            "base": {"posts": 10, "shown": 0, "readers": 0, "up": 0, "down": 0, "ai": 0},
+            "soft_prompt": {"posts": 10, "shown": 7, "readers": 1, "up": 4, "down": 0, "ai": 0},  # rates of 1 and 0
+            "drift": {"posts": 10, "shown": 7, "readers": 1, "up": 0, "down": 3, "ai": 3}}
   s = results.summarize(counts, readers=2)
   rows = {r["method"]: r for r in s["methods"]}
-  assert [r["method"] for r in s["methods"]] == [REAL, "base", "persona_mux"]
+  assert [r["method"] for r in s["methods"]] == [REAL, "base", "soft_prompt", "persona_mux", "drift"]
+  assert rows["soft_prompt"]["like_ci"][1] == 1.0 and rows["drift"]["like_ci"][0] == 0.0
   assert rows[REAL]["like_rate"] == 6 / 8 and rows[REAL]["ai_rate"] == 1 / 9
   assert rows[REAL]["like_ci"] == results.wilson(6, 8)
   assert rows["persona_mux"]["like_rate"] == 0.5 and rows["persona_mux"]["ai_rate"] == 2 / 8
   assert rows["base"]["like_rate"] is None and rows["base"]["like_ci"] is None
   g = s["generated"]
-  assert (g["posts"], g["up"], g["down"], g["ai"]) == (20, 3, 3, 2)
-  assert s["reactions"] == 17
+  assert (g["posts"], g["up"], g["down"], g["ai"]) == (40, 7, 6, 5)
+  assert s["reactions"] == 27
   text = results.to_text(s)
   assert "Persona-Mux" in text and "false alarms" in text and "0.75 [" in text
   assert "<table" in results.to_html(s)

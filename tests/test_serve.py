@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -22,7 +23,7 @@ from openai import NotFoundError, OpenAI
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import persomux
-from persomux import sampling, stages, synthetic
+from persomux import data, sampling, stages, synthetic
 from persomux.bank import PersonaBank
 from persomux.tokenizer import train_bpe_tokenizer
 from configs import tiny
@@ -32,9 +33,13 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("serve")
+def make_run(tmp, *, train: bool = True, stage2: tuple[str, ...] = ()) -> tuple[str, str]:
+  """A tiny run in `tmp`: a random ChatML trunk and a synthetic population; stage 1
+  trained (`train`) or written untrained as stage 1 writes it, its mixtures spread
+  apart either way; and, for each method in `stage2` ("persona_mux", "soft_prompt"),
+  an untrained stage-2 state of the held-out classes as stage 2 writes it (what the
+  server reads; what the prompts learned does not matter there). Returns
+  (workdir, model_dir)."""
   records = synthetic.make_corpus(synthetic.SyntheticCorpusConfig(num_personas=8, examples_per_persona=6))
   tok = train_bpe_tokenizer(synthetic.population_text(records), vocab_size=300)
   tok.chat_template = CHATML
@@ -56,13 +61,33 @@ def run_dir(tmp_path_factory):
   workdir = str(tmp / "run")
   stages.save_run(cfg, workdir)
   trunk, tok = persomux.load_model(str(model_dir))
-  stages.pretrain(cfg, workdir, trunk, tok, progress=False)
+  d, pc = trunk.config.d_model, cfg.prompt.to_dict()
+  split = stages.Split.make(data.load_records(cfg.data.path)[0], cfg.to_dict(), workdir)
+  if train:
+    stages.pretrain(cfg, workdir, trunk, tok, progress=False)
+  else:
+    stages.save_prompt(workdir, "pretrain", stages.build_prompt("persona_mux", len(split.pretrain), d, pc, 0,
+                                                                stages.embedding_std(trunk)),
+                       {"method": "persona_mux", "classes": split.pretrain, "prompt": pc})
   # One short epoch leaves the mixtures near zero, so every persona of a random
   # trunk would say the same; spread them so that serving the wrong one shows.
-  module, meta = stages.load_prompt(workdir, "pretrain", trunk.config.d_model)
-  module.mixtures[...] = 20.0 * np.random.default_rng(0).standard_normal(module.mixtures.shape).astype(np.float32)
+  rng = np.random.default_rng(0)
+  module, meta = stages.load_prompt(workdir, "pretrain", d)
+  module.mixtures[...] = 20.0 * rng.standard_normal(module.mixtures.shape).astype(np.float32)
   stages.save_prompt(workdir, "pretrain", module, meta)
+  for method in stage2:
+    held = stages.build_prompt(method, len(split.finetune), d, pc, 1, stages.embedding_std(trunk))
+    if method == "persona_mux":
+      held.codebook[...], held.bias[...] = module.codebook[...], module.bias[...]
+      held.mixtures[...] = 20.0 * rng.standard_normal(held.mixtures.shape).astype(np.float32)
+    stages.save_prompt(workdir, f"finetune_{method}", held, {"method": method, "classes": split.finetune,
+                                                            "prompt": pc})
   return workdir, str(model_dir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return make_run(tmp_path_factory.mktemp("serve"))
 
 
 def _free_port() -> int:
@@ -72,18 +97,26 @@ def _free_port() -> int:
 
 
 class Server:
-  def __init__(self, workdir, *flags):
+  """launch/serve.py in a subprocess on a free port, its output in a temporary file
+  (a pipe nobody reads would fill and stall it); `feed=False` adds --nofeed, so no
+  feed posts share the engine with what a test measures; `env` adds variables."""
+
+  def __init__(self, workdir, *flags, feed: bool = False, env: dict | None = None):
+    flags = flags + (() if feed else ("--nofeed",))
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.pop("XLA_FLAGS", None)
+    fd, self.log_path = tempfile.mkstemp(prefix="serve-", suffix=".log")
+    os.close(fd)
+    self.log = open(self.log_path, "a")  # O_APPEND: reading it never moves where the server writes
     self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "serve.py"), f"--workdir={workdir}",
-                                  f"--port={self.port}", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  f"--port={self.port}", *flags], stdout=self.log, stderr=subprocess.STDOUT,
                                  text=True, env=env, cwd=ROOT)
     deadline = time.time() + 180
     while time.time() < deadline:
       if self.proc.poll() is not None:
-        raise AssertionError(f"serve.py exited {self.proc.returncode}:\n{self.proc.stdout.read()[-3000:]}")
+        raise AssertionError(f"serve.py exited {self.proc.returncode}:\n{self.output()[-3000:]}")
       try:
         if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
           return
@@ -91,7 +124,11 @@ class Server:
         pass
       time.sleep(0.5)
     self.close()
-    raise AssertionError("serve.py did not answer /health within 180 s")
+    raise AssertionError(f"serve.py did not answer /health within 180 s:\n{self.output()[-3000:]}")
+
+  def output(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
 
   def health(self) -> dict:
     return httpx.get(f"{self.url}/health", timeout=10).json()
@@ -102,6 +139,9 @@ class Server:
       self.proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
       self.proc.kill()
+      self.proc.wait(timeout=30)
+    self.log.close()
+    os.remove(self.log_path)
 
 
 @pytest.fixture(scope="module")

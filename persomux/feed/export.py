@@ -1,7 +1,7 @@
 """A feed's reactions as training data: each reader becomes Drift pairs and a persona.
 
 - `pairs.jsonl`: for each reader and each context on which they upvoted one post
-  and downvoted another, one pair per (upvoted, downvoted) combination:
+  and downvoted another, one pair per (upvoted, downvoted) combination whose texts differ:
   `{"prompt": context, "chosen": upvoted text, "rejected": downvoted text,
   "user": reader}`, what `launch/drift.py fit` reads (one weights file per user).
 - `records.jsonl`: every post a reader upvoted, as an add_personas record
@@ -30,6 +30,8 @@ def pairs(reactions: list[dict]) -> list[dict]:
   out = []
   for (reader, _), g in sorted(groups.items()):
     for up, down in itertools.product(g["up"], g["down"]):
+      if up["text"] == down["text"]:
+        continue  # two posts that read the same say nothing about which is preferred
       out.append({"prompt": up["context"], "chosen": up["text"], "rejected": down["text"], "user": reader})
   return out
 

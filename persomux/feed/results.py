@@ -33,7 +33,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
   denom = 1 + z * z / n
   center = (p + z * z / (2 * n)) / denom
   half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return max(0.0, center - half), min(1.0, center + half)
+  # At k = 0 and k = n the bounds are 0 and 1 exactly (rounding would put them a hair inside).
+  return 0.0 if k == 0 else max(0.0, center - half), 1.0 if k == n else min(1.0, center + half)
 
 
 def _row(method: str, c: dict) -> dict:
@@ -109,8 +110,8 @@ def plot(summary: dict, path):
                                           ("ai_rate", "ai_ci", "marked as AI (real posts: false alarms)")]):
     ys = list(range(len(rows)))
     vals = [r[rate] if r[rate] is not None else 0.0 for r in rows]
-    lo = [r[rate] - r[ci][0] if r[rate] is not None else 0.0 for r in rows]
-    hi = [r[ci][1] - r[rate] if r[rate] is not None else 0.0 for r in rows]
+    lo = [max(0.0, r[rate] - r[ci][0]) if r[rate] is not None else 0.0 for r in rows]
+    hi = [max(0.0, r[ci][1] - r[rate]) if r[rate] is not None else 0.0 for r in rows]
     colors = ["#777777" if r["method"] == REAL else "#3b6ea5" for r in rows]
     ax.barh(ys, vals, xerr=[lo, hi], color=colors, capsize=4)
     for y, r in zip(ys, rows):
@@ -119,7 +120,7 @@ def plot(summary: dict, path):
     ax.set_xlim(0, 1.15)
     ax.set_title(title, fontsize=10)
     ax.set_yticks(ys, labels)
-    ax.invert_yaxis()
+  axes[0].invert_yaxis()  # the axes share y: inverting one inverts both (real posts on top)
   fig.suptitle(f"feed results: {summary['reactions']} reactions, 95% Wilson intervals", fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=110, format="png")

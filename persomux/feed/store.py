@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Iterable
 
+FILE = "feed.sqlite"  # in the run's directory
 REAL = "real"
 REACTIONS = ("up", "down", "ai")
 SCHEMA_VERSION = 1
@@ -102,6 +103,16 @@ class Store:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     self._migrate()
+
+  @classmethod
+  def of_run(cls, workdir: str) -> "Store":
+    """The feed database of the run in `workdir`, which a server must have made;
+    raises StoreError (saying how to make one) when there is none."""
+    path = os.path.join(workdir, FILE)
+    if not os.path.isfile(path):
+      raise StoreError(f"{path}: no feed database; serve the run (launch/serve.py --workdir={workdir}) and "
+                       "react to posts at /feed first")
+    return cls(path)
 
   # --- connections and transactions -------------------------------------------------------
 
