@@ -76,7 +76,7 @@ def read_titles(path: str | None) -> dict[str, str]:
 
 
 def read_games(path: str, *, meta_path: str | None = None, num_classes: int = 100, max_history: int = 10,
-               sasrec_steps: int = 300, sasrec_dim: int = 64, seed: int = 0,
+               sasrec_steps: int = 2000, sasrec_dim: int = 50, seed: int = 0,
                progress: bool = True) -> tuple[list[Record], collections.Counter]:
   """Class-labelled records from video-game interactions (see module docstring)."""
   from persomux import sasrec
