@@ -4,7 +4,10 @@ feeds are drawn, Wilson intervals against published values, and the pairs and
 records a feed exports."""
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -15,6 +18,7 @@ from persomux.feed import export, results
 from persomux.feed.store import REAL, SCHEMA_VERSION, Store, StoreError, UnknownPost, group_odds
 
 GEN = ("base", "soft_prompt", "persona_mux")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pool(store: Store, contexts: int, methods=GEN, reader_only: dict | None = None) -> None:
@@ -102,11 +106,12 @@ def test_each_reader_and_post_counts_once_and_votes_change(tmp_path):
 
 def test_group_odds_give_the_share_in_expectation():
   for share in (0.1, 0.25, 0.5, 0.75, 0.9):
-    for m in (1, 3, 4):
-      p_real, p_gen = group_odds(share, m)
+    for real, gen in ((1, 1), (1, 3), (1, 4), (3, 9), (2, 1)):
+      p_real, p_gen = group_odds(share, real, gen)
       assert 0 <= p_real <= 1 and 0 <= p_gen <= 1
-      assert abs(p_gen * m / (p_real + p_gen * m) - share) < 1e-12
-  assert group_odds(0.0, 3) == (1.0, 0.0) and group_odds(1.0, 3) == (0.0, 1.0)
+      assert abs(p_gen * gen / (p_real * real + p_gen * gen) - share) < 1e-12, (share, real, gen)
+  assert group_odds(0.0, 1, 3) == (1.0, 0.0) and group_odds(1.0, 1, 3) == (0.0, 1.0)
+  assert group_odds(0.5, 0, 3) == (0.0, 1.0) and group_odds(0.5, 2, 0) == (1.0, 0.0)
 
 
 def test_feeds_keep_the_share_group_contexts_and_are_the_same_however_paged(tmp_path):
@@ -137,13 +142,30 @@ def test_feeds_keep_the_share_group_contexts_and_are_the_same_however_paged(tmp_
   assert REAL not in _methods(s, [p["id"] for p in s.feed("di", 40, share=1.0)])
 
 
-def test_a_feed_that_may_not_grow_only_shows_what_it_has(tmp_path):
+def test_a_context_several_classes_answer_keeps_the_share(tmp_path):
+  s = Store(str(tmp_path / "f.sqlite"))
+  rows = []
+  for i in range(100):  # three classes' real replies to one question, and each method's post for each
+    for cls in ("a", "b", "c"):
+      rows.append({"key": f"real|{cls}|{i}", "context_key": f"c{i}", "context": f"q{i}", "text": f"{cls} {i}",
+                   "method": REAL, "persona": cls})
+      rows += [{"key": f"{m}|{cls}|{i}", "context_key": f"c{i}", "context": f"q{i}", "text": f"{m} {cls} {i}",
+                "method": m, "persona": cls} for m in GEN]
+  s.add_posts(rows)
+  methods = _methods(s, [p["id"] for p in s.feed("ann", 200, share=0.5)])
+  assert 0.4 < sum(m != REAL for m in methods) / len(methods) < 0.6
+
+
+def test_a_feed_grows_only_from_what_it_may_show(tmp_path):
   s = Store(str(tmp_path / "f.sqlite"))
   _pool(s, 3)
   assert s.feed("ann", 5, extend=False) == []
   s.feed("ann", 2)
   assert len(s.feed("ann", 5, extend=False)) >= 2
   assert len(s.feed("ann", 100)) == 12  # the whole pool, then no more
+  held = s.feed("bob", 100, hold={"c1"})  # a context still being written stays out, real post and all
+  assert len(held) == 8 and "question 1?" not in {p["context"] for p in held}
+  assert len(s.feed("bob", 100)) == 12
 
 
 def test_concurrent_feeds_of_one_reader_never_share_a_position(tmp_path):
@@ -230,3 +252,30 @@ def test_export_writes_pairs_and_records_that_drift_and_add_personas_read(tmp_pa
   assert sorted((r.cls, r.text, r.context) for r in records) == [
       ("ann", "base reply 2", "question 2?"), ("ann", "real reply 0", "question 0?"),
       ("ann", "real reply 1", "question 1?"), ("bob", "persona_mux reply 0", "question 0?")]
+
+
+def _launch(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_report_and_export_launches(tmp_path):
+  run = tmp_path / "run"
+  missing = _launch("launch/feed_report.py", f"--workdir={run}")
+  assert missing.returncode != 0 and "no feed database" in missing.stderr
+  s = Store(str(run / "feed.sqlite"))
+  (run / "run.json").write_text(json.dumps({"model_dir": "tiny-model"}))
+  _pool(s, 4)
+  for p, reaction in zip(s.feed("ann", 8), ["up", "down", "ai", "up", "down", "up", "up", "down"]):
+    s.react("ann", p["id"], reaction)
+  report = _launch("launch/feed_report.py", f"--workdir={run}")
+  assert report.returncode == 0, report.stderr
+  summary = json.load(open(run / "feed_results.json"))
+  assert summary == json.loads(json.dumps(results.summarize(s.method_counts(), readers=1)))
+  assert results.to_text(results.summarize(s.method_counts(), readers=1)) in report.stdout
+  assert (run / "feed_results.png").read_bytes()[:4] == b"\x89PNG"
+  out = tmp_path / "export"
+  exported = _launch("launch/feed_export.py", f"--workdir={run}", f"--out={out}")
+  assert exported.returncode == 0, exported.stderr
+  assert f"--model=tiny-model --out={run / 'drift' / 'ann.json'}" in exported.stdout
+  assert [json.loads(line) for line in open(out / "pairs.jsonl")] == export.pairs(s.reactions())

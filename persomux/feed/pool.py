@@ -158,6 +158,7 @@ class Writer:
     self.engine, self.store, self.in_flight, self.log = engine, store, max(1, in_flight), log
     self._pending: collections.deque[Job] = collections.deque()
     self._outstanding: collections.Counter = collections.Counter()  # tag -> jobs not finished
+    self._open: collections.Counter = collections.Counter()  # (tag, context_key) -> jobs not finished
     self._done: queue.Queue = queue.Queue()
     self._lock = threading.Lock()
     self._thread: threading.Thread | None = None
@@ -173,6 +174,7 @@ class Writer:
         return 0
       self._pending.extend(jobs)
       self._outstanding.update(j.tag for j in jobs)
+      self._open.update((j.tag, j.post["context_key"]) for j in jobs)
       if jobs and self._thread is None:
         self._thread = threading.Thread(target=self._run, name="persomux-feed", daemon=True)
         self._thread.start()
@@ -182,9 +184,18 @@ class Writer:
     with self._lock:
       return self._outstanding[tag]
 
+  def open_contexts(self, tag: str) -> set[str]:
+    """The context keys of `tag`'s jobs that are not finished."""
+    with self._lock:
+      return {k for (t, k), n in self._open.items() if t == tag and n > 0}
+
+  def _close(self, job: Job) -> None:  # under the lock
+    self._outstanding[job.tag] -= 1
+    self._open[(job.tag, job.post["context_key"])] -= 1
+
   def _finish(self, job: Job, outcome: str) -> None:
     with self._lock:
-      self._outstanding[job.tag] -= 1
+      self._close(job)
       self.stats[outcome] += 1
 
   def _submit(self, job: Job) -> None:
@@ -206,7 +217,7 @@ class Writer:
             break  # chat requests fill the queue: try again when one of ours is done
           except (PromptTooLong, ValueError) as e:
             self._pending.popleft()
-            self._outstanding[job.tag] -= 1
+            self._close(job)
             self.stats["failed"] += 1
             self.log(f"feed: cannot generate {job.post['key']}: {e}")
             continue
@@ -224,7 +235,7 @@ class Writer:
         with self._lock:
           first, self.error = self.error is None, f"the engine failed: {self.engine.error!r}"
           for j in [job, *self._pending]:
-            self._outstanding[j.tag] -= 1
+            self._close(j)
           self._pending.clear()
         if first:
           self.log(f"feed: {self.error}; no more posts are generated")
@@ -289,11 +300,6 @@ class Feed:
     seed = int(_digest(str(self.seed), post["key"], n=8), 16)
     return Job(post, request, seed, tag=f"drift:{reader}" if reader else "pool")
 
-  @property
-  def ready(self) -> bool:
-    """Whether the pool is written (until then, feeds do not grow: a feed of only
-    real posts would tell its reader which posts are real)."""
-    return self.writer.pending("pool") == 0
 
   def _queue_drift(self, reader: str) -> None:
     """Queues Drift posts for `reader` when their weights are new or changed."""
@@ -322,6 +328,7 @@ class Feed:
   def posts(self, reader: str, n: int, offset: int = 0) -> dict:
     """Posts `offset..offset + n` of `reader`'s feed, and how many are still being written."""
     self._queue_drift(reader)
-    posts = self.store.feed(reader, n, offset, share=self.share, extend=self.ready, seed=self.seed)
+    posts = self.store.feed(reader, n, offset, share=self.share, seed=self.seed,
+                            hold=self.writer.open_contexts("pool"))
     return {"reader": reader, "posts": posts,
             "writing": self.writer.pending("pool") + self.writer.pending(f"drift:{reader}")}

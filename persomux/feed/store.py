@@ -82,16 +82,17 @@ def _rng(*parts) -> random.Random:
   return random.Random(int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little"))
 
 
-def group_odds(share: float, methods: int) -> tuple[float, float]:
-  """(p_real, p_generated): the chance that a context's group in a feed takes its real
-  post, and each method's post, so that a share `share` of the posts is generated
-  in expectation: p_gen * methods / (p_real + p_gen * methods) = share."""
-  if methods == 0 or share <= 0:
-    return 1.0, 0.0
-  if share >= 1:
+def group_odds(share: float, real: int, generated: int) -> tuple[float, float]:
+  """(p_real, p_gen): the chance that a context's group in a feed takes each of its
+  `real` real posts, and each of its `generated` generated ones, so that a share
+  `share` of the posts is generated in expectation:
+  p_gen * generated / (p_real * real + p_gen * generated) = share."""
+  if share >= 1 or (real == 0 and share > 0):
     return 0.0, 1.0
-  p_gen = min(1.0, share / (methods * (1 - share)))
-  return min(1.0, methods * p_gen * (1 - share) / share), p_gen
+  if share <= 0 or generated == 0:
+    return 1.0, 0.0
+  p_gen = min(1.0, share * real / (generated * (1 - share)))
+  return min(1.0, generated * p_gen * (1 - share) / (share * real)), p_gen
 
 
 class Store:
@@ -202,15 +203,17 @@ class Store:
   # --- a reader's feed ----------------------------------------------------------------------
 
   def feed(self, reader: str, n: int, offset: int = 0, *, share: float = 0.5, extend: bool = True,
-           seed: int = 0) -> list[dict]:
+           seed: int = 0, hold: Iterable[str] = ()) -> list[dict]:
     """Posts `offset` to `offset + n` of `reader`'s feed: `{"id", "context", "text",
     "reaction"}` (the reader's reaction or None), nothing else. With `extend`, a feed
-    shorter than that grows (see `_extend`) from the posts the reader has not been shown."""
+    shorter than that grows (see `_extend`) from the posts the reader has not been
+    shown, leaving out contexts in `hold` (those whose posts are still being written:
+    one drawn without them would show more real posts than its share)."""
     with self._tx() as c:
       c.execute("INSERT OR IGNORE INTO readers (name, created) VALUES (?, ?)", (reader, time.time()))
       have = c.execute("SELECT COUNT(*) FROM feed WHERE reader = ?", (reader,)).fetchone()[0]
       if extend and have < offset + n:
-        self._extend(c, reader, have, offset + n, share, seed)
+        self._extend(c, reader, have, offset + n, share, seed, set(hold))
       rows = c.execute(
           "SELECT p.id, p.context, p.text, r.reaction FROM feed f JOIN posts p ON p.id = f.post_id "
           "LEFT JOIN reactions r ON r.reader = f.reader AND r.post_id = f.post_id "
@@ -218,12 +221,12 @@ class Store:
     return [dict(r) for r in rows]
 
   @staticmethod
-  def _extend(c, reader: str, start: int, end: int, share: float, seed: int) -> None:
+  def _extend(c, reader: str, start: int, end: int, share: float, seed: int, hold: set[str]) -> None:
     """Appends posts to `reader`'s feed until it holds `end` (or the pool runs out).
 
     The feed grows one context at a time, contexts the reader has not seen first:
-    a context's group takes its real post with probability p_real and each
-    method's post with probability p_gen (`group_odds`: a share `share` of
+    a context's group takes each of its real posts with probability p_real and
+    each generated one with probability p_gen (`group_odds`: a share `share` of
     generated posts in expectation), in a shuffled order. So one context's real
     and generated posts meet the same reader (what preference pairs need), and
     neither a post's place nor its group's make-up tells where it came from. Once
@@ -232,6 +235,8 @@ class Store:
     unseen: dict[str, dict] = {}
     for p in c.execute("SELECT id, method, context_key FROM posts WHERE (reader IS NULL OR reader = ?) "
                        "AND id NOT IN (SELECT post_id FROM feed WHERE reader = ?) ORDER BY id", (reader, reader)):
+      if p["context_key"] in hold:
+        continue
       by_method = unseen.setdefault(p["context_key"], {})
       by_method.setdefault(p["method"], []).append(p["id"])
     visited = {r[0] for r in c.execute("SELECT DISTINCT p.context_key FROM feed f JOIN posts p ON p.id = f.post_id "
@@ -244,9 +249,10 @@ class Store:
       by_method = unseen[key]
       if fresh:
         visited.add(key)
-        p_real, p_gen = group_odds(share, sum(m != REAL for m in by_method))
-        group = [i for i in by_method.get(REAL, []) if rng.random() < p_real]
-        group += [rng.choice(ids) for m, ids in sorted(by_method.items()) if m != REAL and rng.random() < p_gen]
+        real = by_method.get(REAL, [])
+        generated = [i for m, ids in sorted(by_method.items()) if m != REAL for i in ids]
+        p_real, p_gen = group_odds(share, len(real), len(generated))
+        group = [i for i in real if rng.random() < p_real] + [i for i in generated if rng.random() < p_gen]
         rng.shuffle(group)
       else:
         allowed = [m for m in sorted(by_method) if (m == REAL and share < 1) or (m != REAL and share > 0)]
