@@ -59,6 +59,10 @@ def summarize(counts: dict[str, dict[str, int]], readers: int | None = None) -> 
           "readers": readers, "confidence": 0.95}
 
 
+def count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _rate(rate, ci) -> str:
   if rate is None:
     return "-"
@@ -82,9 +86,9 @@ def to_text(summary: dict) -> str:
   header, rows = table_rows(summary)
   widths = [max(len(x) for x in col) for col in zip(header, *rows)]
   line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-  readers = "" if summary["readers"] is None else f", {summary['readers']} readers"
+  readers = "" if summary["readers"] is None else f", {count(summary['readers'], 'reader')}"
   return "\n".join([line(header), *(line(r) for r in rows),
-                    f"{summary['reactions']} reactions{readers}; like rate = up / (up + down), marked AI = "
+                    f"{count(summary['reactions'], 'reaction')}{readers}; like rate = up / (up + down), marked AI = "
                     "ai / all reactions (on real posts: false alarms); 95% Wilson intervals"])
 
 
@@ -121,7 +125,7 @@ def plot(summary: dict, path):
     ax.set_title(title, fontsize=10)
     ax.set_yticks(ys, labels)
   axes[0].invert_yaxis()  # the axes share y: inverting one inverts both (real posts on top)
-  fig.suptitle(f"feed results: {summary['reactions']} reactions, 95% Wilson intervals", fontsize=11)
+  fig.suptitle(f"feed results: {count(summary['reactions'], 'reaction')}, 95% Wilson intervals", fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=110, format="png")
   plt.close(fig)

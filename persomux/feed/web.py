@@ -57,7 +57,8 @@ def results_page(summary: dict) -> str:
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>persomux feed: results</title><link rel="stylesheet" href="/feed/static/feed.css"></head>
 <body><header><h1>Feed results</h1><a href="/feed">Back to the feed</a></header>
-<p class="note">{summary['reactions']} reactions from {summary['readers']} readers.
+<p class="note">{results_lib.count(summary['reactions'], 'reaction')} from
+{results_lib.count(summary['readers'] or 0, 'reader')}.
 Like rate = up / (up + down); marked as AI = ai / all reactions (on real posts: false alarms);
 95% Wilson intervals. JSON: <a href="/feed/results?format=json">/feed/results?format=json</a>.</p>
 {results_lib.to_html(summary)}
