@@ -416,7 +416,9 @@ def scale_suite():
       batch = {"input_ids": bs((rows, t), jnp.int32), "attention_mask": bs((rows, t), jnp.int32),
                "loss_mask": bs((rows, t), jnp.float32), "soft_index": bs((rows,), jnp.int32),
                "class_ids": bs((rows,), jnp.int32)}
+      t0 = time.perf_counter()
       compiled = train.train_step.lower(trunk, pm, opt, batch).compile()
+      print(f"{name} {spec} train step: lowered and compiled in {time.perf_counter() - t0:.1f} s", flush=True)
       _report(name, spec, "train", compiled, rows * t / n, gib)
       graphdef, state = nnx.split(trunk)
       embeds = bs((rows, 512, cfg.d_model), jnp.bfloat16)
@@ -424,7 +426,8 @@ def scale_suite():
       carry = jax.eval_shape(functools.partial(sampling._prefill, graphdef, max_new=512), state, embeds, mask,
                              jax.random.key(0))
       carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-          mesh, P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
+          mesh, sharding.cache_spec(x.shape, mesh) if x.ndim == 5  # KV caches [reps, rows, kv, slots, head]
+          else P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
       compiled = sampling._decode.lower(graphdef, state, carry, jnp.zeros((1,), jnp.int32), jnp.int32(512),
                                         temperature=0.0, top_k=None, top_p=None).compile()
       _report(name, spec, "decode", compiled, rows / n, gib)

@@ -7,6 +7,13 @@ position; sliding-window layers keep a ring buffer of `sliding_window`
 slots. Every cache slot remembers the position it holds (-1 when empty),
 which is all the masks need. Prompt lengths and generation lengths are
 padded to buckets so new lengths do not recompile.
+
+Prefill and decode scan over the trunk's layer groups like training does;
+the KV caches are stacked per group and position in the group's pattern
+(`[reps, batch, kv_heads, slots, head_dim]`) and ride in the decode scan's
+carry, so each step writes its token in place. A decode step attends over
+only the filled part of each cache (the smallest power-of-two span, from
+`MIN_SPAN` slots, that holds every row's positions).
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from persomux import prompts as prompts_lib
+from persomux import sharding as sharding_lib
 from persomux.models.config import SLIDING
+from persomux.models.modeling import einsum_attention
 
 SOFT_MARKER = "<|soft|>"  # where a prompt string wants its soft tokens
 
@@ -86,19 +96,35 @@ def bucket(n: int, minimum: int = 16) -> int:
   return b
 
 
+MIN_SPAN = 64  # the fewest cache slots a decode step attends over
+
+
 def _cache_len(model, kind: str, total: int) -> int:
   w = model.config.sliding_window
   return min(w, total) if (kind == SLIDING and w) else total
 
 
-def _write(cache, k, v, pos, ok):
-  """Writes keys/values `[B, KV, T, H]` at positions `pos` `[B, T]` where `ok`."""
-  size = cache["pos"].shape[1]
-  slot = jnp.where(ok, pos % size, size)  # out-of-range slots are dropped
-  b = jnp.broadcast_to(jnp.arange(pos.shape[0])[:, None], pos.shape)
-  put = lambda c, x: c.at[b, :, slot].set(x.astype(c.dtype).transpose(0, 2, 1, 3), mode="drop")
-  return {"k": put(cache["k"], k), "v": put(cache["v"], v),
-          "pos": cache["pos"].at[b, slot].set(pos, mode="drop")}
+def init_caches(model, batch: int, total: int):
+  """Empty caches of `batch` rows for `total` positions.
+
+  `{"pos": {kind: [batch, slots]}, "layers": [group][position] -> {"k", "v"}}`:
+  the position each slot holds (-1: empty) per attention kind, and keys and
+  values `[reps, batch, kv_heads, slots, head_dim]` per layer group and
+  position in its pattern.
+  """
+  cfg = model.config
+  size = {kind: _cache_len(model, kind, total) for kind in set(cfg.layer_types)}
+  kv = lambda reps, kind: jnp.zeros((reps, batch, cfg.num_kv_heads, size[kind], cfg.head_dim), model.dtype)
+  return {"pos": {kind: jnp.full((batch, n), -1, jnp.int32) for kind, n in size.items()},
+          "layers": [[{"k": kv(g.reps, kind), "v": kv(g.reps, kind)} for kind in g.kinds]
+                     for g in cfg.layer_groups]}
+
+
+def insert_rows(caches, rows, start):
+  """`caches` with the caches `rows` (of fewer rows, same slots) written over rows `start...`."""
+  put = lambda axis: lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, start, axis=axis)
+  return {"pos": jax.tree.map(put(0), caches["pos"], rows["pos"]),
+          "layers": jax.tree.map(put(1), caches["layers"], rows["layers"])}
 
 
 def _cache_mask(cache_pos, q_pos, window):
@@ -109,6 +135,38 @@ def _cache_mask(cache_pos, q_pos, window):
   if window is not None:
     m &= kp > qp - window
   return m[:, None]
+
+
+def _spans(size: int) -> list[int]:
+  """Cache spans a decode step may attend over: powers of two from MIN_SPAN, then `size`."""
+  spans, s = [], MIN_SPAN
+  while s < size:
+    spans.append(s)
+    s *= 2
+  return spans + [size]
+
+
+def _attend_cache(attn, q, k_cache, v_cache, rep, cache_pos, q_pos, window):
+  """One new query per row `q` `[B, 1, heads, head_dim]` over repetition `rep` of the
+  stacked caches `[reps, B, kv_heads, slots, head_dim]`, reading only the
+  smallest span of slots that holds every row's filled ones."""
+  b, kv, size, h = k_cache.shape[1:]
+  filled = jnp.minimum(jnp.max(q_pos) + 1, size)  # slots fill from 0, rings wrap once full
+
+  def over(span):
+    def f(q, k_cache, v_cache, cache_pos):
+      k = jax.lax.dynamic_slice(k_cache, (rep, 0, 0, 0, 0), (1, b, kv, span, h))[0]
+      v = jax.lax.dynamic_slice(v_cache, (rep, 0, 0, 0, 0), (1, b, kv, span, h))[0]
+      mask = _cache_mask(cache_pos[:, :span], q_pos[:, None], window)
+      return einsum_attention(q, k, v, mask, scale=attn.scale, softcap=attn.softcap, heads_first=True)
+    return f
+
+  spans = _spans(size)
+  args = (q, k_cache, v_cache, cache_pos)
+  if len(spans) == 1:
+    return over(spans[0])(*args)
+  index = jnp.sum(jnp.asarray(spans[:-1]) < filled)
+  return jax.lax.switch(index, [over(s) for s in spans], *args)
 
 
 def _sample(logits, rng, temperature, top_k, top_p):
@@ -130,66 +188,92 @@ def _sample(logits, rng, temperature, top_k, top_p):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def prefill_caches(model, embeds, mask, total: int):
+def _model_mesh(model):
+  """The mesh `model`'s weights are sharded over, or None (one device)."""
+  sharding = getattr(model.embed_tokens[...], "sharding", None)
+  return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def prefill_caches(model, embeds, mask, total: int, mesh=None):
   """Runs `embeds` `[B, S, d]` (real tokens first, `mask` 1 on them) through the
-  trunk into fresh caches sized for `total` positions; returns
-  `(caches, next-token logits [B, V], lengths [B])`."""
+  trunk into fresh caches (see `init_caches`) sized for `total` positions;
+  returns `(caches, next-token logits [B, V], lengths [B])`. With a `mesh`,
+  the caches shard kv heads over `tensor` and rows over the batch axes."""
   cfg = model.config
   b, s, _ = embeds.shape
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   lengths = mask.sum(-1).astype(jnp.int32)
   tables = model.rope_tables(positions)
   masks = model.masks(positions, positions, mask)
-  caches = []
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+  size = {kind: _cache_len(model, kind, total) for kind in set(cfg.layer_types)}
+  # Only the last `size` real tokens fit a ring buffer; padding never enters (dropped slots).
+  slot = {kind: jnp.where(mask.astype(bool) & (positions >= lengths[:, None] - n), positions % n, n)
+          for kind, n in size.items()}
+  pos = {kind: jnp.full((b, n), -1, jnp.int32).at[rows, slot[kind]].set(positions, mode="drop")
+         for kind, n in size.items()}
+
+  def layer(j, module, h, _):
+    kind = module.layer_type
+    cos, sin = tables[kind]
+    h, (k, v) = module(h, cos, sin, masks[kind])
+    empty = jnp.zeros((b, cfg.num_kv_heads, size[kind], cfg.head_dim), model.dtype)
+    put = lambda x: empty.at[rows, :, slot[kind]].set(x.astype(model.dtype), mode="drop")
+    return h, {"k": put(k), "v": put(v)}
+
   h = embeds.astype(model.dtype)
-  for layer in model.layers:
-    cos, sin = tables[layer.layer_type]
-    h, (k, v) = layer(h, cos, sin, masks[layer.layer_type])
-    size = _cache_len(model, layer.layer_type, total)
-    empty = {"k": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), model.dtype),
-             "v": jnp.zeros((b, cfg.num_kv_heads, size, cfg.head_dim), model.dtype),
-             "pos": jnp.full((b, size), -1, jnp.int32)}
-    # Only the last `size` real tokens fit a ring buffer; padding never enters.
-    ok = mask.astype(bool) & (positions >= lengths[:, None] - size)
-    caches.append(_write(empty, k, v, positions, ok))
+  layers = []
+  for group in model.groups:
+    h, kv = group.scan(layer, h)
+    if mesh is not None:
+      kv = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(
+          c, NamedSharding(mesh, sharding_lib.cache_spec(c.shape, mesh))), kv)
+    layers.append(kv)
   last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
-  return caches, model.logits(last)[:, 0], lengths
+  return {"pos": pos, "layers": layers}, model.logits(last)[:, 0], lengths
 
 
 def decode_step(model, caches, tokens, pos):
-  """Feeds `tokens` `[B]` at positions `pos` `[B]`, each row over its own caches;
-  returns `(caches, next-token logits [B, V])`."""
+  """Feeds `tokens` `[B]` at positions `pos` `[B]`, each row over its own caches
+  (see `init_caches`); returns `(caches, next-token logits [B, V])`."""
   cfg = model.config
-  b = tokens.shape[0]
-  bidx = jnp.arange(b)[:, None]
-  pos = pos[:, None]
+  rows = jnp.arange(tokens.shape[0])
   x = model.embed(tokens[:, None])
-  tables = model.rope_tables(pos)
-  new_caches = []
-  for layer, cache in zip(model.layers, caches):
-    cos, sin = tables[layer.layer_type]
-    window = cfg.sliding_window if layer.layer_type == SLIDING else None
-    slot = pos % cache["pos"].shape[1]
-    new_pos = cache["pos"].at[bidx, slot].set(pos)
+  tables = model.rope_tables(pos[:, None])
+  slot = {kind: pos % p.shape[1] for kind, p in caches["pos"].items()}
+  new_pos = {kind: p.at[rows, slot[kind]].set(pos) for kind, p in caches["pos"].items()}
 
-    def update(k, v, cache=cache, slot=slot):
-      # One new position per row: a dynamic slice update along the slot axis.
-      put = lambda cc, xx: jax.vmap(lambda ci, xi, si: jax.lax.dynamic_update_slice_in_dim(
-          ci, xi.astype(ci.dtype), si, axis=1))(cc, xx, slot[:, 0])
-      return put(cache["k"], k), put(cache["v"], v)
+  def layer(j, module, carry, rep):
+    h, kv = carry
+    kind = module.layer_type
+    cos, sin = tables[kind]
+    window = cfg.sliding_window if kind == SLIDING else None
 
-    x, (k_all, v_all) = layer(x, cos, sin, _cache_mask(new_pos, pos, window), update)
-    new_caches.append({"k": k_all, "v": v_all, "pos": new_pos})
-  return new_caches, model.logits(x)[:, 0]
+    def attend_fn(q, k, v):
+      # Each row's new key and value go to its own slot, in place in the carried cache.
+      kc = kv[j]["k"].at[rep, rows, :, slot[kind]].set(k[:, 0].astype(kv[j]["k"].dtype))
+      vc = kv[j]["v"].at[rep, rows, :, slot[kind]].set(v[:, 0].astype(kv[j]["v"].dtype))
+      return _attend_cache(module.attn, q, kc, vc, rep, new_pos[kind], pos, window), {"k": kc, "v": vc}
+
+    h, new = module(h, cos, sin, None, attend_fn)
+    return (h, kv[:j] + [new] + kv[j + 1:]), None
+
+  layers = []
+  for group, kv in zip(model.groups, caches["layers"]):
+    reps = jnp.arange(group.reps)
+    (x, kv), _ = group.scan(layer, (x, list(kv)), xs=[reps] * len(group.kinds))
+    layers.append(kv)
+  return {"pos": new_pos, "layers": layers}, model.logits(x)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sgraphdef", "beta"))
-def _prefill(graphdef, state, embeds, mask, rng, streams=None, *, max_new, sgraphdef=None, beta=1.0):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sgraphdef", "beta", "mesh"))
+def _prefill(graphdef, state, embeds, mask, rng, streams=None, *, max_new, sgraphdef=None, beta=1.0, mesh=None):
   """Prefills `embeds` `[B, S, d]` into caches for S + `max_new` positions (and the
-  logit streams' prompts into theirs); returns the decode carry (see `_decode`)."""
+  logit streams' prompts into theirs); returns the decode carry (see `_decode`).
+  `mesh`: the trunk's, to shard its caches (see `prefill_caches`)."""
   model = nnx.merge(graphdef, state)
   b, s, _ = embeds.shape
-  caches, logits, lengths = prefill_caches(model, embeds, mask, s + max_new)
+  caches, logits, lengths = prefill_caches(model, embeds, mask, s + max_new, mesh)
   carry = {"i": jnp.int32(0), "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, max_new), jnp.int32),
            "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
   if streams is not None:
@@ -318,7 +402,7 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
     streams = {"state": sstate, "embeds": s_embeds, "mask": s_mask, "weights": weights}
     stream_kw = {"sgraphdef": sgraphdef, "beta": float(logit_streams.beta)}
   carry = _prefill(graphdef, state, embeds, mask, jax.random.key(seed), streams, max_new=bucket(max_new_tokens),
-                   **stream_kw)
+                   mesh=_model_mesh(model), **stream_kw)
   eos = jnp.asarray(np.array(list(eos_ids) or [-1], np.int32))
   decode = functools.partial(_decode, graphdef, state, eos_ids=eos, sstate=sstate, temperature=float(temperature),
                              top_k=top_k, top_p=top_p, **stream_kw)

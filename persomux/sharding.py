@@ -2,8 +2,13 @@
 
 Axis names are `data`, `fsdp` and `tensor`. Weights keep Hugging Face's
 `[out, in]` layout: projections into heads/MLP shard `out` over `tensor` and
-`in` over `fsdp`; projections back to `d_model` the other way round. A
-dimension that an axis does not divide stays replicated on that axis.
+`in` over `fsdp`; projections back to `d_model` the other way round. The
+stacked weights of a layer group keep their leading `[reps]` axis unsharded,
+and KV caches shard their kv heads over `tensor` (rows over the batch axes).
+A dimension that an axis does not divide stays replicated on that axis.
+
+Shardings are laid out on an `Auto`-typed copy of the mesh (XLA propagates
+them), so a mesh built with `jax.make_mesh`'s explicit axes works as well.
 """
 
 from __future__ import annotations
@@ -52,35 +57,53 @@ def parse_mesh(spec: str | None, devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def auto_mesh(mesh) -> jax.sharding.Mesh:
+  """`mesh` with every axis `Auto`: persomux's shardings leave propagation to XLA,
+  which explicit axes (`jax.make_mesh`'s default) would refuse, e.g. for the
+  embedding gather."""
+  if all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 # (regex over the module path, spec for [out, in] or [d]) — first match wins.
 _TRUNK_RULES = (
     (r"embed_tokens|lm_head", ("tensor", "fsdp")),
-    (r".*\.(q|k|v|gate|up)_proj", ("tensor", "fsdp")),
-    (r".*\.(o|down)_proj", ("fsdp", "tensor")),
-    (r".*\.(q|k|v|gate|up)_bias", ("tensor",)),
-    (r".*", ()),
+    (r".*\.(q|k|v|gate|up)_proj\.weight", ("tensor", "fsdp")),
+    (r".*\.(o|down)_proj\.weight", ("fsdp", "tensor")),
+    (r".*\.(q|k|v|gate|up)_proj\.bias", ("tensor",)),
+    (r".*", ()),  # norms, LoRA adapters
 )
 
 
 def _fit(spec: tuple, shape: tuple, mesh) -> P:
-  """Drops axes that do not divide their dimension."""
+  """Drops axes that the mesh lacks or that do not divide their dimension."""
   out = []
   for dim, axis in zip(shape, spec + (None,) * (len(shape) - len(spec))):
-    if axis is None:
-      out.append(None)
-      continue
-    names = axis if isinstance(axis, tuple) else (axis,)
+    names = tuple(a for a in ((axis,) if isinstance(axis, str) else axis or ()) if a in mesh.shape)
     size = int(np.prod([mesh.shape[a] for a in names]))
-    out.append(axis if dim % size == 0 and size > 1 else None)
+    if not names or size == 1 or dim % size:
+      out.append(None)
+    else:
+      out.append(names[0] if len(names) == 1 and isinstance(axis, str) else names)
   return P(*out)
 
 
 def trunk_spec(path: tuple, shape: tuple, mesh) -> P:
+  """The spec of the trunk variable at `path`; a layer group's stacked weights
+  (`groups.{g}.layers.{j}...`) keep their leading `[reps]` axis unsharded."""
   key = ".".join(str(p) for p in path)
+  stacked = (None,) if path and path[0] == "groups" else ()
   for pattern, spec in _TRUNK_RULES:
     if re.fullmatch(pattern, key):
-      return _fit(spec, shape, mesh)
+      return _fit(stacked + spec, shape, mesh)
   return P()
+
+
+def cache_spec(shape: tuple, mesh) -> P:
+  """A KV cache `[reps, batch, kv_heads, slots, head_dim]`: rows over the batch
+  axes, kv heads over `tensor`."""
+  return _fit((None, BATCH_AXES, "tensor"), shape, mesh)
 
 
 def prompt_spec(path: tuple, shape: tuple, mesh) -> P:
@@ -92,7 +115,7 @@ def prompt_spec(path: tuple, shape: tuple, mesh) -> P:
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+  return NamedSharding(auto_mesh(mesh), P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def shard_batch(batch: dict, mesh) -> dict:
@@ -106,21 +129,17 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 
 def shard_placer(mesh):
-  """A `place` function for `params.load_trunk` that reads each weight straight
-  into its shards: every device gets only its slice of the memory map."""
-
-  def place(path, host, dtype):
-    sharding = NamedSharding(mesh, trunk_spec(path, tuple(host.shape), mesh))
-    return jax.make_array_from_callback(tuple(host.shape), sharding,
-                                        lambda idx: np.asarray(host[idx], dtype=dtype))
-
-  return place
+  """A `place` function for `params.load_trunk`: each weight's sharding by
+  `trunk_spec`, into which every device reads only its slice."""
+  mesh = auto_mesh(mesh)
+  return lambda path, shape: NamedSharding(mesh, trunk_spec(path, shape, mesh))
 
 
 def shard_module(module, mesh, spec_fn=prompt_spec):
   """Reshards every variable of `module` in place according to `spec_fn`."""
   from flax import nnx
 
+  mesh = auto_mesh(mesh)
   state = nnx.state(module)
   flat = nnx.to_flat_state(state)
   new = []

@@ -250,7 +250,7 @@ def test_bfloat16_from_gguf(tmp_path):
   path = write_gguf(tiny_llama(), str(tmp_path / "t.gguf"), Q8_0)
   m32, _ = persomux.load_model(path, tokenizer=False)
   m16, _ = persomux.load_model(path, dtype="bfloat16", tokenizer=False)
-  assert m16.layers[0].attn.q_proj[...].dtype == jnp.bfloat16
+  assert m16.groups[0].layers[0].attn.q_proj.weight[...].dtype == jnp.bfloat16
   ids = jnp.asarray(_ids())
   a, b = np.asarray(m32(ids)), np.asarray(m16(ids))
   assert np.abs(a - b).max() < 0.1 * np.abs(a).max()

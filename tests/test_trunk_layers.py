@@ -34,7 +34,7 @@ def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.3):
 
 def _load_linear_weights(ours, hf, names):
   for ours_name, hf_name in names.items():
-    getattr(ours, ours_name)[...] = jnp.asarray(_np(hf.get_submodule(hf_name).weight))
+    getattr(ours, ours_name).weight[...] = jnp.asarray(_np(hf.get_submodule(hf_name).weight))
 
 
 def _causal_additive_mask(t: int, window: int | None = None) -> torch.Tensor:
@@ -110,9 +110,9 @@ def test_llama_attention(kv_heads, bias):
   cfg = TrunkConfig.from_hf_dict(hf_cfg.to_dict() | {"model_type": "llama"})
   ours = modeling.Attention(cfg, FULL, dtype=jnp.float32, rngs=None)
   for n in ("q", "k", "v", "o"):
-    getattr(ours, f"{n}_proj")[...] = jnp.asarray(_np(getattr(hf, f"{n}_proj").weight))
+    getattr(ours, f"{n}_proj").weight[...] = jnp.asarray(_np(getattr(hf, f"{n}_proj").weight))
     if bias:
-      getattr(ours, f"{n}_bias")[...] = jnp.asarray(_np(getattr(hf, f"{n}_proj").bias))
+      getattr(ours, f"{n}_proj").bias[...] = jnp.asarray(_np(getattr(hf, f"{n}_proj").bias))
   b, t = 2, 9
   x = torch.randn(b, t, 64, generator=torch.Generator().manual_seed(2))
   pos = torch.arange(t)[None].repeat(b, 1)

@@ -155,7 +155,7 @@ def test_bfloat16_load(tmp_path):
   build("gemma2/softcap_sliding", str(tmp_path))
   m32, _ = persomux.load_model(str(tmp_path), tokenizer=False)
   m16, _ = persomux.load_model(str(tmp_path), dtype="bfloat16", tokenizer=False)
-  assert m16.layers[0].attn.q_proj[...].dtype == jnp.bfloat16
+  assert m16.groups[0].layers[0].attn.q_proj.weight[...].dtype == jnp.bfloat16
   ids = jnp.asarray(_ids(4))
   a, b = np.asarray(m32(ids)), np.asarray(m16(ids))
   assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
@@ -169,7 +169,7 @@ def test_bfloat16_checkpoint_loads_in_its_own_dtype(name, tmp_path):
   assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
   ids = _ids(5)
   model, _ = persomux.load_model(str(tmp_path), tokenizer=False)
-  assert model.dtype == jnp.bfloat16 and model.layers[0].mlp.up_proj[...].dtype == jnp.bfloat16
+  assert model.dtype == jnp.bfloat16 and model.groups[0].layers[0].mlp.up_proj.weight[...].dtype == jnp.bfloat16
   ref = _hf_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval(), ids)
   delta = float(np.abs(np.asarray(model(jnp.asarray(ids))) - ref).max())
   # bf16 keeps 8 bits of mantissa: two implementations that round intermediates

@@ -23,6 +23,47 @@ class ConfigError(ValueError):
   """A config.json that persomux cannot use; the message names file and field."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+  """`reps` consecutive repetitions of the layer pattern `kinds`, from layer `start` on.
+
+  The trunk stacks each pattern position's weights over the repetitions and
+  scans over them, so layers that differ (Gemma 2's sliding/full pairs,
+  Gemma 3's 5 sliding + 1 full) scan as one repeating group.
+  """
+
+  start: int
+  kinds: tuple[str, ...]
+  reps: int
+
+  def layer_index(self, rep: int, position: int) -> int:
+    """The decoder-layer index of pattern position `position` in repetition `rep`."""
+    return self.start + rep * len(self.kinds) + position
+
+
+def group_layers(layer_types: tuple[str, ...]) -> tuple[LayerGroup, ...]:
+  """Splits `layer_types` into scannable groups, front to back.
+
+  Each group is the repeating pattern that covers the most layers from where
+  the previous group ended (ties: the shortest pattern); what no pattern
+  repeats over (e.g. Gemma 3 1B's last 2 of 26 layers) becomes a tail group.
+  """
+  groups, start = [], 0
+  while start < len(layer_types):
+    rest = layer_types[start:]
+    best, covered = (len(rest), 1), 0  # (pattern length, repetitions): one unrepeated pass
+    for p in range(1, len(rest) // 2 + 1):
+      reps = 1
+      while (reps + 1) * p <= len(rest) and rest[reps * p:(reps + 1) * p] == rest[:p]:
+        reps += 1
+      if reps >= 2 and p * reps > covered:
+        best, covered = (p, reps), p * reps
+    p, reps = best
+    groups.append(LayerGroup(start, tuple(rest[:p]), reps))
+    start += p * reps
+  return tuple(groups)
+
+
 # transformers 5 defaults of each family's config class (LlamaConfig, GemmaConfig,
 # Gemma2Config, Gemma3TextConfig): what a config.json that leaves a field out means.
 # Rope defaults live in `_read_rope`; tests/test_gguf.py checks this table against
@@ -150,6 +191,10 @@ class TrunkConfig:
   @property
   def embed_scale(self) -> float:
     return math.sqrt(self.d_model) if self.is_gemma else 1.0
+
+  @property
+  def layer_groups(self) -> tuple[LayerGroup, ...]:
+    return group_layers(self.layer_types)
 
   def rope_for(self, layer_type: str) -> RopeConfig:
     table = dict(self.rope)

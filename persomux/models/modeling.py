@@ -6,6 +6,13 @@ windows, q/k norms, per-layer-kind rotary tables). Weights keep Hugging Face's
 layout (`[out_features, in_features]`), so checkpoint I/O is a name mapping
 with no transposes (see `params.py`).
 
+The decoder layers are stacked and scanned: `config.layer_groups` splits them
+into groups of a repeating layer pattern (all layers of a Llama; Gemma 2's
+(sliding, full) pairs; Gemma 3's 5 sliding + 1 full, plus any tail), each
+weight of a group carries a leading `[reps]` axis, and `LayerGroup.scan` runs
+one `jax.lax.scan` over the repetitions, rematerializing each layer by the
+trunk's `remat` policy inside the scanned body.
+
 The math follows transformers' PyTorch modules, which the tests use as the
 reference: norms and softmax run in float32, everything else in the weights'
 dtype.
@@ -13,17 +20,26 @@ dtype.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from persomux.models import config as config_lib
 from persomux.models.config import FULL, SLIDING, RopeConfig, TrunkConfig
 
 # The most negative finite value keeps fully masked rows finite (no NaN).
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# Queries per block of the XLA attention path: longer sequences attend block by
+# block, so only `[batch, heads, ATTENTION_CHUNK, keys]` scores exist at a time.
+ATTENTION_CHUNK = 256
 
 
 def _gelu_tanh(x):
@@ -44,6 +60,37 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
+# --- rematerialization ---------------------------------------------------------
+
+# Outputs of the projections carry these checkpoint names (`Linear.name`).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+REMAT_POLICIES = {
+    # No rematerialization: the backward pass keeps whatever it needs.
+    "none": None,
+    # Recompute each layer from its input in the backward pass.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the projections' outputs (q/k/v, gate/up, and o/down where a norm
+    # follows them) and recompute the rest: norms, rotary, attention scores and
+    # activations. For a frozen trunk, whose backward pass needs no projection
+    # inputs, no matmul is recomputed and no `[seq, seq]` scores are kept.
+    "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+}
+
+
+def remat_policy(remat: bool | str | None) -> str:
+  """The name of a remat setting: a name of `REMAT_POLICIES`, or a bool (True = "full")."""
+  if remat is True:
+    return "full"
+  if remat is False or remat is None or remat == "":
+    return "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected a bool or one of {', '.join(REMAT_POLICIES)}")
+  return remat
+
+
+# --- building blocks -----------------------------------------------------------
+
 
 def _weight(rngs: nnx.Rngs | None, shape, dtype, std=0.02):
   if rngs is None:
@@ -51,48 +98,37 @@ def _weight(rngs: nnx.Rngs | None, shape, dtype, std=0.02):
   return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
-def _linear(x, w, b=None):
+def linear(x, w, b=None):
   """`x @ w.T (+ b)` with `w` in Hugging Face layout `[out, in]`."""
   y = jnp.einsum("...i,oi->...o", x, w)
   return y if b is None else y + b
 
 
-class LoRAParam(nnx.Param):
-  """A trainable low-rank adapter weight (the LoRA baseline); never part of the checkpoint."""
+class Linear(nnx.Module):
+  """A projection `x @ weight.T (+ bias)` with `weight` `[out, in]` (Hugging Face layout).
 
-
-class LoRA(nnx.Module):
-  """A low-rank update of one projection: `x -> scaling * (x @ a.T) @ b.T`, as PEFT computes it.
-
-  `a` `[rank, in]` starts like PEFT's (Kaiming-uniform, bound 1/sqrt(in)) and
-  `b` `[out, rank]` at zero, so an attached adapter starts as the identity.
-  Weights are float32; the update is cast to the activations' dtype.
+  `lead` prepends axes to the weights (a layer group's `[reps]`). The output
+  carries the checkpoint name `name` (see `REMAT_POLICIES`). Adapters replace
+  a `Linear` by a module with the same `weight`/`bias` (`persomux.models.lora`).
   """
 
-  def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
-    bound = 1.0 / math.sqrt(in_features)
-    self.a = LoRAParam(jax.random.uniform(rngs.params(), (rank, in_features), jnp.float32, -bound, bound))
-    self.b = LoRAParam(jnp.zeros((out_features, rank), jnp.float32))
-    self.scaling = alpha / rank
+  def __init__(self, in_features: int, out_features: int, *, name: str, bias: bool, dtype,
+               rngs: nnx.Rngs | None, lead: tuple[int, ...] = ()):
+    self.name = name
+    self.weight = _weight(rngs, lead + (out_features, in_features), dtype)
+    self.bias = nnx.Param(jnp.zeros(lead + (out_features,), dtype)) if bias else None
 
   def __call__(self, x):
-    h = jnp.einsum("...i,ri->...r", x.astype(jnp.float32), self.a[...])
-    return (self.scaling * jnp.einsum("...r,or->...o", h, self.b[...])).astype(x.dtype)
-
-
-def _project(x, w, b, lora):
-  """A projection with its optional bias and optional LoRA adapter (None when absent)."""
-  y = _linear(x, w[...], None if b is None else b[...])
-  return y if lora is None else y + lora(x)
+    return checkpoint_name(linear(x, self.weight[...], None if self.bias is None else self.bias[...]), self.name)
 
 
 class RMSNorm(nnx.Module):
   """RMS norm. Llama scales by `w`; Gemma by `(1 + w)` in float32."""
 
-  def __init__(self, dim: int, eps: float, *, gemma: bool, dtype=jnp.float32):
+  def __init__(self, dim: int, eps: float, *, gemma: bool, dtype=jnp.float32, lead: tuple[int, ...] = ()):
     self.eps = eps
     self.gemma = gemma
-    self.weight = nnx.Param(jnp.zeros((dim,), dtype) if gemma else jnp.ones((dim,), dtype))
+    self.weight = nnx.Param(jnp.zeros(lead + (dim,), dtype) if gemma else jnp.ones(lead + (dim,), dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -150,130 +186,226 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.
   return mask[:, None, :, :]
 
 
+# --- attention -------------------------------------------------------------------
+
+
+def _cudnn_eligible(q: jax.Array) -> bool:
+  return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def einsum_attention(q, k, v, mask, *, scale: float, softcap: float | None, heads_first: bool = False):
+  """Softmax attention by einsums, with optional tanh soft-capping of the scores.
+
+  `q` `[batch, q, heads, head_dim]`; `k`, `v` `[batch, keys, kv_heads, head_dim]`,
+  or `[batch, kv_heads, keys, head_dim]` when `heads_first` (a KV cache's
+  layout); `mask` boolean, broadcastable to `[batch, 1, q, keys]`. Scores and
+  softmax are float32. Returns `[batch, q, heads, head_dim]`.
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[1] if heads_first else k.shape[2]
+  keys = "bksh" if heads_first else "bskh"
+  q = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum(f"btkgh,{keys}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum(f"bkgts,{keys}->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def _attention_block(q, k, v, mask, *, scale, softcap):
+  if softcap:
+    return einsum_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
+
+
+def attend(q, k, v, mask, *, scale: float, softcap: float | None = None, chunk: int = ATTENTION_CHUNK):
+  """Attention of `q` `[batch, q, heads, head_dim]` over `k`, `v` `[batch, keys, kv_heads, head_dim]`
+  under the boolean `mask` `[batch, 1, q, keys]`; returns `[batch, q, heads, head_dim]`.
+
+  Without soft-capping this is `jax.nn.dot_product_attention`: cuDNN's fused
+  kernel on GPU in half precision, else XLA's. Soft-capped scores (Gemma 2)
+  take the einsum path. On the XLA paths, more than `chunk` queries attend
+  block by block, each block rematerialized in the backward pass, so no
+  `[q, keys]` float32 score tensor of the whole sequence ever exists.
+  """
+  if not softcap and _cudnn_eligible(q):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass  # a shape, head size or cuDNN version the fused kernel does not take: XLA below
+  block = functools.partial(_attention_block, scale=scale, softcap=softcap)
+  b, t, n, h = q.shape
+  if t <= chunk:
+    return block(q, k, v, mask)
+  blocks = -(-t // chunk)
+  size = -(-t // blocks)
+  pad = blocks * size - t  # padded queries see no key; their rows are dropped below
+  mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))
+  qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, size, n, h).swapaxes(0, 1)
+  ms = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, 1, blocks, size, -1).transpose(2, 0, 1, 3, 4)
+  one = jax.checkpoint(lambda qb, mb, k, v: block(qb, k, v, mb))
+  out = jax.lax.map(lambda xs: one(xs[0], xs[1], k, v), (qs, ms))
+  return out.swapaxes(0, 1).reshape(b, blocks * size, n, h)[:, :t]
+
+
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
 class Attention(nnx.Module):
   """Grouped-query attention `[batch, seq, d_model] -> [batch, seq, d_model]`."""
 
-  def __init__(self, cfg: TrunkConfig, layer_type: str, *, dtype, rngs: nnx.Rngs | None):
+  def __init__(self, cfg: TrunkConfig, layer_type: str, *, dtype, rngs: nnx.Rngs | None,
+               lead: tuple[int, ...] = ()):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.scale = cfg.attn_scale
     self.softcap = cfg.attn_softcap
     d, q_out, kv_out = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    self.q_proj = _weight(rngs, (q_out, d), dtype)
-    self.k_proj = _weight(rngs, (kv_out, d), dtype)
-    self.v_proj = _weight(rngs, (kv_out, d), dtype)
-    self.o_proj = _weight(rngs, (d, q_out), dtype)
-    if cfg.attention_bias:
-      self.q_bias = nnx.Param(jnp.zeros((q_out,), dtype))
-      self.k_bias = nnx.Param(jnp.zeros((kv_out,), dtype))
-      self.v_bias = nnx.Param(jnp.zeros((kv_out,), dtype))
-      self.o_bias = nnx.Param(jnp.zeros((d,), dtype))
-    else:
-      self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+    lin = functools.partial(Linear, bias=cfg.attention_bias, dtype=dtype, rngs=rngs, lead=lead)
+    self.q_proj = lin(d, q_out, name="q_proj")
+    self.k_proj = lin(d, kv_out, name="k_proj")
+    self.v_proj = lin(d, kv_out, name="v_proj")
+    self.o_proj = lin(q_out, d, name="o_proj")
     if cfg.family == "gemma3_text":
-      self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, gemma=True, dtype=dtype)
-      self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, gemma=True, dtype=dtype)
+      self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, gemma=True, dtype=dtype, lead=lead)
+      self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, gemma=True, dtype=dtype, lead=lead)
     else:
       self.q_norm = self.k_norm = None
-    # LoRA adapters (see `persomux.models.lora`); None when not attached.
-    for name in ("q_proj_lora", "k_proj_lora", "v_proj_lora", "o_proj_lora"):
-      setattr(self, name, nnx.data(None))
 
-  def project_kv(self, x, cos, sin):
-    """Rotated keys and values `[batch, kv_heads, seq, head_dim]` for `x`.
-
-    Heads come before positions so that attending over a long KV cache is a
-    plain batched matmul, with no per-step transpose of the cache.
-    """
+  def project(self, x, cos, sin):
+    """Rotated queries `[batch, seq, heads, head_dim]`, rotated keys and values `[batch, seq, kv_heads, head_dim]`."""
     b, t, _ = x.shape
-    k = _project(x, self.k_proj, self.k_bias, self.k_proj_lora)
-    v = _project(x, self.v_proj, self.v_bias, self.v_proj_lora)
-    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-    if self.k_norm is not None:
-      k = self.k_norm(k)
-    return apply_rope(k, cos, sin).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-  def __call__(self, x, cos, sin, mask, kv_update=None):
-    """Attention of `x` `[batch, q, d_model]` over its own keys, or over a cache.
-
-    `mask` is `[batch, 1, q, k]` boolean. `kv_update`, if given, maps this
-    call's rotated keys and values `[batch, kv_heads, q, head_dim]` to the
-    full key/value arrays to attend over (e.g. a KV cache with them written
-    in). Returns `(out [batch, q, d_model], (keys, values))`.
-    """
-    b, t, _ = x.shape
-    q = _project(x, self.q_proj, self.q_bias, self.q_proj_lora)
-    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
-      q = self.q_norm(q)
-    q = apply_rope(q, cos, sin)
-    k, v = self.project_kv(x, cos, sin)
-    if kv_update is not None:
-      k, v = kv_update(k, v)
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    logits = jnp.einsum("btkgh,bksh->bkgts", q, k) * jnp.asarray(self.scale, q.dtype)
-    logits = logits.astype(jnp.float32)
-    if self.softcap:
-      logits = jnp.tanh(logits / self.softcap) * self.softcap
-    logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-    out = _project(out, self.o_proj, self.o_bias, self.o_proj_lora)
-    return out, (k, v)
+      q, k = self.q_norm(q), self.k_norm(k)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def __call__(self, x, cos, sin, mask, attend_fn: AttendFn | None = None):
+    """Attention of `x` `[batch, q, d_model]` over its own keys, or over what `attend_fn` chooses.
+
+    `mask` is `[batch, 1, q, k]` boolean. `attend_fn`, if given, maps this
+    call's rotated `(q, k, v)` (see `project`) to `(attention output [batch, q,
+    heads, head_dim], aux)`, e.g. attending over a KV cache with `k`, `v`
+    written in; without it, aux is `(k, v)`. Returns `(out [batch, q, d_model], aux)`.
+    """
+    b, t, _ = x.shape
+    q, k, v = self.project(x, cos, sin)
+    if attend_fn is None:
+      out, aux = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap), (k, v)
+    else:
+      out, aux = attend_fn(q, k, v)
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), aux
 
 
 class MLP(nnx.Module):
   """Gated MLP: `down(act(gate(x)) * up(x))`."""
 
-  def __init__(self, cfg: TrunkConfig, *, dtype, rngs: nnx.Rngs | None):
+  def __init__(self, cfg: TrunkConfig, *, dtype, rngs: nnx.Rngs | None, lead: tuple[int, ...] = ()):
     if cfg.activation not in ACTIVATIONS:
       raise ValueError(f"activation {cfg.activation!r} is not supported; expected one of "
                        f"{', '.join(sorted(ACTIVATIONS))}")
     self.act = ACTIVATIONS[cfg.activation]
-    self.gate_proj = _weight(rngs, (cfg.ffn_dim, cfg.d_model), dtype)
-    self.up_proj = _weight(rngs, (cfg.ffn_dim, cfg.d_model), dtype)
-    self.down_proj = _weight(rngs, (cfg.d_model, cfg.ffn_dim), dtype)
-    if cfg.mlp_bias:
-      self.gate_bias = nnx.Param(jnp.zeros((cfg.ffn_dim,), dtype))
-      self.up_bias = nnx.Param(jnp.zeros((cfg.ffn_dim,), dtype))
-      self.down_bias = nnx.Param(jnp.zeros((cfg.d_model,), dtype))
-    else:
-      self.gate_bias = self.up_bias = self.down_bias = None
-    for name in ("gate_proj_lora", "up_proj_lora", "down_proj_lora"):
-      setattr(self, name, nnx.data(None))
+    lin = functools.partial(Linear, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, lead=lead)
+    self.gate_proj = lin(cfg.d_model, cfg.ffn_dim, name="gate_proj")
+    self.up_proj = lin(cfg.d_model, cfg.ffn_dim, name="up_proj")
+    self.down_proj = lin(cfg.ffn_dim, cfg.d_model, name="down_proj")
 
   def __call__(self, x):
-    h = self.act(_project(x, self.gate_proj, self.gate_bias, self.gate_proj_lora)) * _project(
-        x, self.up_proj, self.up_bias, self.up_proj_lora)
-    return _project(h, self.down_proj, self.down_bias, self.down_proj_lora)
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm decoder block; Gemma 2/3 add post-attention and post-MLP norms."""
 
-  def __init__(self, cfg: TrunkConfig, layer_type: str, *, dtype, rngs: nnx.Rngs | None):
+  def __init__(self, cfg: TrunkConfig, layer_type: str, *, dtype, rngs: nnx.Rngs | None,
+               lead: tuple[int, ...] = ()):
     self.layer_type = layer_type
-    gemma = cfg.is_gemma
-    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, gemma=gemma, dtype=dtype)
+    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, gemma=cfg.is_gemma, dtype=dtype, lead=lead)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, layer_type, dtype=dtype, rngs=rngs)
+    self.attn = Attention(cfg, layer_type, dtype=dtype, rngs=rngs, lead=lead)
     self.mlp_norm = norm()
-    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, lead=lead)
     sandwich = cfg.family in ("gemma2", "gemma3_text")
     self.attn_post_norm = norm() if sandwich else None
     self.mlp_post_norm = norm() if sandwich else None
 
-  def __call__(self, x, cos, sin, mask, kv_update=None):
-    """Returns `(x, (keys, values))`; see `Attention.__call__` for `kv_update`."""
-    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv_update)
+  def __call__(self, x, cos, sin, mask, attend_fn: AttendFn | None = None):
+    """Returns `(x, aux)`; see `Attention.__call__` for `attend_fn` and aux."""
+    h, aux = self.attn(self.attn_norm(x), cos, sin, mask, attend_fn)
     if self.attn_post_norm is not None:
       h = self.attn_post_norm(h)
     x = x + h
     h = self.mlp(self.mlp_norm(x))
     if self.mlp_post_norm is not None:
       h = self.mlp_post_norm(h)
-    return x + h, kv
+    return x + h, aux
+
+
+class LayerGroup(nnx.Module):
+  """`reps` repetitions of a layer pattern (`kinds`), starting at decoder layer `start`.
+
+  `layers[j]` is the pattern's j-th layer with every weight stacked over the
+  repetitions (leading axis `[reps]`).
+  """
+
+  def __init__(self, cfg: TrunkConfig, spec: config_lib.LayerGroup, *, dtype, rngs: nnx.Rngs | None):
+    self.start, self.kinds, self.reps = spec.start, spec.kinds, spec.reps
+    self.layers = nnx.List([DecoderLayer(cfg, kind, dtype=dtype, rngs=rngs, lead=(spec.reps,))
+                            for kind in spec.kinds])
+
+  def scan(self, fn, carry, xs=None, *, remat: str = "none"):
+    """One `jax.lax.scan` over the repetitions.
+
+    In each repetition, for each pattern position j in turn,
+    `fn(j, layer, carry, x) -> (carry, y)` runs with `layer` the j-th
+    `DecoderLayer` holding that repetition's weights and `x` the repetition's
+    slice of `xs[j]` (None when `xs` is None). Each call is rematerialized by
+    the policy `remat` (see `REMAT_POLICIES`). Returns `(carry, ys)`, `ys[j]`
+    stacked over the repetitions.
+    """
+    splits = [nnx.split(layer) for layer in self.layers]
+    policy = REMAT_POLICIES[remat]
+
+    def position(j):
+      graphdef = splits[j][0]
+      f = lambda state, c, x: fn(j, nnx.merge(graphdef, state), c, x)
+      return f if remat == "none" else jax.checkpoint(f, policy=policy, prevent_cse=False)
+
+    steps = [position(j) for j in range(len(splits))]
+
+    def body(c, inputs):
+      states, x = inputs
+      ys = []
+      for j, step in enumerate(steps):
+        c, y = step(states[j], c, x[j])
+        ys.append(y)
+      return c, ys
+
+    xs = [None] * len(splits) if xs is None else list(xs)
+    return jax.lax.scan(body, carry, ([s for _, s in splits], xs))
+
+
+def _auto_axes(method):
+  """Runs `method` with the context mesh's axes `Auto`.
+
+  A sharded trunk's weights are laid out for XLA's sharding propagation (see
+  `persomux.sharding.auto_mesh`); inside `jax.set_mesh` of a mesh with
+  explicit axes (`jax.make_mesh`'s default) its ops would otherwise have to
+  state their output shardings.
+  """
+
+  @functools.wraps(method)
+  def wrapped(*args, **kwargs):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+      return method(*args, **kwargs)
+    with jax.sharding.use_abstract_mesh(mesh.update_axis_types(
+        {a: jax.sharding.AxisType.Auto for a in mesh.axis_names})):
+      return method(*args, **kwargs)
+
+  return wrapped
 
 
 class Trunk(nnx.Module):
@@ -283,18 +415,21 @@ class Trunk(nnx.Module):
   (already scaled, as `embed` returns them), an optional `attention_mask`
   `[batch, seq]` (1 = real token) and optional `positions` `[batch, seq]`
   (default: 0..seq-1). Returns logits `[batch, seq, vocab]` in float32.
+
+  `remat` is a `REMAT_POLICIES` name or a bool (True = "full", False = "none").
   """
 
   def __init__(self, cfg: TrunkConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-               remat: bool = False):
+               remat: bool | str = "none"):
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
-    self.remat = remat
+    self.remat = remat_policy(remat)
     self.embed_tokens = _weight(rngs, (cfg.vocab_size, cfg.d_model), dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, t, dtype=dtype, rngs=rngs) for t in cfg.layer_types])
+    self.groups = nnx.List([LayerGroup(cfg, spec, dtype=dtype, rngs=rngs) for spec in cfg.layer_groups])
     self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, gemma=cfg.is_gemma, dtype=dtype)
     self.lm_head = None if cfg.tie_embeddings else _weight(rngs, (cfg.vocab_size, cfg.d_model), dtype)
 
+  @_auto_axes
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Input embeddings `[batch, seq, d_model]` (scaled by sqrt(d_model) for Gemma)."""
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
@@ -311,16 +446,18 @@ class Trunk(nnx.Module):
     return {FULL: attention_mask(q_positions, k_positions, k_valid, None),
             SLIDING: attention_mask(q_positions, k_positions, k_valid, self.config.sliding_window)}
 
+  @_auto_axes
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm, LM head and soft-capping: `[batch, seq, d_model] -> [batch, seq, vocab]`."""
     h = self.norm(h)
     head = self.embed_tokens if self.lm_head is None else self.lm_head
-    logits = _linear(h, head[...]).astype(jnp.float32)
+    logits = linear(h, head[...]).astype(jnp.float32)
     if self.config.final_softcap:
       cap = self.config.final_softcap
       logits = jnp.tanh(logits / cap) * cap
     return logits
 
+  @_auto_axes
   def hidden_states(self, inputs_embeds, attention_mask=None, positions=None) -> jax.Array:
     """Runs the decoder layers; returns the last hidden states before the final norm."""
     b, t, _ = inputs_embeds.shape
@@ -330,21 +467,17 @@ class Trunk(nnx.Module):
       attention_mask = jnp.ones((b, t), jnp.int32)
     tables = self.rope_tables(positions)
     masks = self.masks(positions, positions, attention_mask)
-    h = inputs_embeds.astype(self.dtype)
 
-    for layer in self.layers:
-      cos, sin = tables[layer.layer_type]
-      mask = masks[layer.layer_type]
-      if self.remat:
-        # A pure function of the layer's state, so rematerialization never
-        # writes back into modules owned by an outer trace (e.g. a grad).
-        graphdef, state = nnx.split(layer)
-        h = jax.checkpoint(lambda st, x, c, s_, m: nnx.merge(graphdef, st)(x, c, s_, m)[0])(
-            state, h, cos, sin, mask)
-      else:
-        h = layer(h, cos, sin, mask)[0]
+    def layer(j, module, h, _):
+      cos, sin = tables[module.layer_type]
+      return module(h, cos, sin, masks[module.layer_type])[0], None
+
+    h = inputs_embeds.astype(self.dtype)
+    for group in self.groups:
+      h, _ = group.scan(layer, h, remat=self.remat)
     return h
 
+  @_auto_axes
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None):
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")

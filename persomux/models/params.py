@@ -2,9 +2,12 @@
 
 Only safetensors are read, by a small reader over a memory map: nothing is
 ever unpickled. Each tensor is read, cast straight to the target dtype and
-placed on device one at a time, so loading never holds a second full copy of
-the model in host memory. `hf_name` is the whole mapping from module paths to
-Hugging Face tensor names (weights keep HF's `[out, in]` layout).
+placed on device one at a time (each device reading only its own slice), so
+loading never holds a second full copy of the model in host memory; saving
+streams one tensor at a time into each output file. `hf_name` is the whole
+mapping from per-layer module paths to Hugging Face tensor names (weights keep
+HF's `[out, in]` layout); `layer_paths` maps a stacked weight of a layer group
+(leading `[reps]` axis) to its layers, so files keep Hugging Face's layout.
 
 `load_model` also takes a `.gguf` file or a shipped model's name; those go
 through `persomux.models.gguf` and `persomux.models.shipped`.
@@ -12,6 +15,8 @@ through `persomux.models.gguf` and `persomux.models.shipped`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import json
 import mmap
@@ -29,7 +34,8 @@ from flax import nnx
 
 from persomux.models import shipped
 from persomux.models.config import TrunkConfig, checkpoint_dtype, read_config_json
-from persomux.models.modeling import LoRAParam, Trunk
+from persomux.models.lora import LoRAParam
+from persomux.models.modeling import Trunk
 
 
 class CheckpointError(ValueError):
@@ -91,23 +97,44 @@ class SafetensorsFile:
                          offset=self._data_start + start).reshape(e["shape"])
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-  """Writes `tensors` to `path` atomically (temp file + rename), one at a time."""
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """A tensor to write whose data `load()` fetches only when its turn comes."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  load: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray | LazyTensor], metadata: dict[str, str] | None = None):
+  """Writes `tensors` to `path` atomically (temp file + rename), one at a time.
+
+  A `LazyTensor` is loaded only while it is written, so a file of lazy
+  tensors never holds more than one of them in host memory.
+  """
   header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
   offset = 0
   for name, arr in tensors.items():
-    nbytes = arr.size * arr.dtype.itemsize
     header[name] = {"dtype": _DTYPE_NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for arr in tensors.values():
-      f.write(np.ascontiguousarray(arr).tobytes())
+    for name, arr in tensors.items():
+      data = np.ascontiguousarray(arr.load() if isinstance(arr, LazyTensor) else arr)
+      if data.shape != tuple(arr.shape) or data.dtype != np.dtype(arr.dtype):
+        raise ValueError(f"{path}: tensor {name!r} loaded as {data.shape} {data.dtype}, "
+                         f"expected {tuple(arr.shape)} {np.dtype(arr.dtype)}")
+      f.write(data.reshape(-1).view(np.uint8).data)
+      del data
   os.replace(tmp, path)
 
 
@@ -177,10 +204,12 @@ _LAYER_RULES = {
 
 
 def hf_name(path: tuple, cfg: TrunkConfig, prefix: str = "model.") -> str:
-  """Hugging Face tensor name of the `Trunk` state entry at `path`.
+  """Hugging Face tensor name of the `Trunk` weight at `path`.
 
-  `prefix` is the text model's prefix: "model." for `*ForCausalLM`, e.g.
-  "model.language_model." for `Gemma3ForConditionalGeneration`.
+  `path` is a top-level weight (`embed_tokens`, `norm.weight`, `lm_head`) or a
+  per-layer path `("layers", i, ...)` as `layer_paths` gives for a stacked
+  weight. `prefix` is the text model's prefix: "model." for `*ForCausalLM`,
+  e.g. "model.language_model." for `Gemma3ForConditionalGeneration`.
   """
   key = ".".join(str(p) for p in path)
   if key == "embed_tokens":
@@ -199,12 +228,22 @@ def hf_name(path: tuple, cfg: TrunkConfig, prefix: str = "model.") -> str:
   elif rest in _LAYER_RULES:
     hf = _LAYER_RULES[rest]
   else:
-    mm = re.fullmatch(r"(attn|mlp)\.(\w+)_(proj|bias)", rest)
+    mm = re.fullmatch(r"(attn|mlp)\.(\w+_proj)\.(weight|bias)", rest)
     if not mm:
       raise KeyError(f"no Hugging Face name for module path {key!r}")
     block, proj, kind = mm.groups()
-    hf = f"{'self_attn' if block == 'attn' else 'mlp'}.{proj}_proj.{'weight' if kind == 'proj' else 'bias'}"
+    hf = f"{'self_attn' if block == 'attn' else 'mlp'}.{proj}.{kind}"
   return f"{prefix}layers.{i}.{hf}"
+
+
+def layer_paths(path: tuple, cfg: TrunkConfig) -> list[tuple] | None:
+  """Per-layer paths `("layers", i, ...)` of the stacked weight at `path`
+  (`("groups", g, "layers", j, ...)`), one per repetition; None for a weight
+  outside the layer groups."""
+  if len(path) < 4 or path[0] != "groups":
+    return None
+  group = cfg.layer_groups[int(path[1])]
+  return [("layers", group.layer_index(r, int(path[3])), *path[4:]) for r in range(group.reps)]
 
 
 _TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
@@ -223,45 +262,77 @@ def _text_prefix(store: TensorStore, cfg: TrunkConfig) -> str:
 # --- load / save ---------------------------------------------------------------
 
 
-def _abstract_trunk(cfg: TrunkConfig, dtype, remat: bool) -> Trunk:
+def _abstract_trunk(cfg: TrunkConfig, dtype, remat) -> Trunk:
   return nnx.eval_shape(lambda: Trunk(cfg, dtype=dtype, rngs=None, remat=remat))
 
 
-Placer = Callable[[tuple, np.ndarray, Any], jax.Array]
+# `(module_path, shape) -> jax.sharding.Sharding` of one weight; None: the default device.
+Placer = Callable[[tuple, tuple], jax.sharding.Sharding]
 
 
-def build_trunk(cfg: TrunkConfig, fetch: Callable[[tuple, tuple], np.ndarray], *, dtype, remat: bool = False,
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer, rep):
+  return jax.lax.dynamic_update_index_in_dim(stacked, layer, rep, 0)
+
+
+def _put(host: np.ndarray, dtype, sharding) -> jax.Array:
+  """`host` cast to `dtype` on device; with a sharding, each device reads only its slice."""
+  if sharding is None:
+    return jax.device_put(np.asarray(host, dtype=dtype))
+  return jax.make_array_from_callback(tuple(host.shape), sharding, lambda idx: np.asarray(host[idx], dtype=dtype))
+
+
+def _layer_sharding(sharding):
+  """The sharding of one repetition of a stacked weight sharded by `sharding`."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return sharding
+
+
+def build_trunk(cfg: TrunkConfig, fetch: Callable[[tuple, tuple], np.ndarray], *, dtype, remat=False,
                 place: Placer | None = None, progress: Callable | None = None) -> Trunk:
   """A `Trunk` filled one tensor at a time, never holding two copies of the model.
 
   Args:
-    fetch: `(module_path, expected_shape) -> host array` of one weight; it
-      raises `CheckpointError` for a missing or misshapen tensor.
-    dtype: parameter dtype; `place` casts each host array to it.
-    place: `(module_path, host_array, target_dtype) -> jax.Array`; default puts
-      the tensor on the default device. The sharded loader passes one that
-      reads only each device's shard.
+    fetch: `(module_path, expected_shape) -> host array` of one weight, with
+      per-layer paths for stacked weights (see `layer_paths`); it raises
+      `CheckpointError` for a missing or misshapen tensor.
+    dtype: parameter dtype; each host array is cast to it as it is placed.
+    remat: the trunk's remat policy (see `modeling.REMAT_POLICIES`).
+    place: the sharding of each weight (see `Placer`); default: the default
+      device. A stacked weight is filled on device one layer at a time.
     progress: optional wrapper of the tensor iterable (e.g. `tqdm`).
   """
   graphdef, state = nnx.split(_abstract_trunk(cfg, jnp.dtype(dtype), remat))
-  place = place or (lambda _, a, dt: jax.device_put(np.asarray(a, dtype=dt)))
+  place = place or (lambda path, shape: None)
   flat = nnx.to_flat_state(state)
   values = []
   for mpath, var in (progress or (lambda x: x))(flat):
     want = var.get_value()
-    values.append(place(mpath, fetch(mpath, tuple(want.shape)), want.dtype))
+    shape = tuple(want.shape)
+    sharding = place(mpath, shape)
+    layers = layer_paths(mpath, cfg)
+    if layers is None:
+      values.append(_put(fetch(mpath, shape), want.dtype, sharding))
+      continue
+    stacked = jnp.zeros(shape, want.dtype, device=sharding)
+    for rep, lpath in enumerate(layers):
+      layer = _put(fetch(lpath, shape[1:]), want.dtype, _layer_sharding(sharding))
+      stacked = _set_layer(stacked, layer, rep)
+    values.append(stacked)
   state = nnx.from_flat_state([(p, v.replace(value)) for (p, v), value in zip(flat, values)])
   return nnx.merge(graphdef, state)
 
 
-def load_trunk(path: str, *, dtype=None, remat: bool = False, place: Placer | None = None) -> Trunk:
+def load_trunk(path: str, *, dtype=None, remat=False, place: Placer | None = None) -> Trunk:
   """Loads the `Trunk` stored in a Hugging Face directory.
 
   Args:
     path: local directory with config.json and safetensors weights.
     dtype: parameter dtype; every tensor is cast to it as it is read. None:
       the checkpoint's own (config.json `dtype` / `torch_dtype`, else float32).
-    remat: rematerialize decoder layers in the backward pass.
+    remat: the remat policy of the decoder layers (see `modeling.REMAT_POLICIES`;
+      True = "full").
     place: see `build_trunk`.
   """
   if not os.path.isdir(path):
@@ -317,7 +388,7 @@ def load_config(path: str) -> TrunkConfig:
   return TrunkConfig.from_pretrained(path)
 
 
-def load_model(path: str, *, dtype=None, tokenizer: bool = True, remat: bool = False, mesh=None):
+def load_model(path: str, *, dtype=None, tokenizer: bool = True, remat=False, mesh=None):
   """Loads a frozen trunk and its tokenizer.
 
   Args:
@@ -327,8 +398,11 @@ def load_model(path: str, *, dtype=None, tokenizer: bool = True, remat: bool = F
     dtype: parameter dtype, e.g. "bfloat16". None (or ""): the checkpoint's
       own; float32 for GGUF files, whose quantized weights have no float type.
     tokenizer: also load the tokenizer (from the GGUF metadata for GGUF files).
-    remat: rematerialize decoder layers in the backward pass.
-    mesh: read each weight straight into its shards (see `persomux.sharding`).
+    remat: how decoder layers rematerialize in the backward pass: "none",
+      "full" or "save_qkv_mlp" (see `modeling.REMAT_POLICIES`); a bool means
+      "full" (True) or "none" (False).
+    mesh: read each weight straight into its shards (see `persomux.sharding`);
+      the model is then called like an unsharded one.
 
   Returns:
     `(model, tokenizer)`; `tokenizer` is None when `tokenizer=False`.
@@ -350,12 +424,33 @@ def load_model(path: str, *, dtype=None, tokenizer: bool = True, remat: bool = F
   return model, (load_tokenizer(path) if tokenizer else None)
 
 
-def iter_hf_tensors(model: Trunk) -> Iterator[tuple[str, np.ndarray]]:
-  """`(hf_name, host array)` for every trunk tensor, in module order."""
+def _hf_tensors(model: Trunk) -> list[tuple[str, LazyTensor]]:
+  """`(hf_name, lazy host tensor)` of every trunk weight in Hugging Face's order:
+  embedding, layers 0.., final norm, head. A stacked weight gives one tensor
+  per layer, each gathered from its devices only when loaded."""
   cfg = model.config
+  top, per_layer = [], {}
   # LoRA adapters are exported on their own (persomux.export.peft_export), never into the trunk.
   for mpath, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))):
-    yield hf_name(mpath, cfg), np.asarray(jax.device_get(var.get_value()))
+    value = var.get_value()
+    layers = layer_paths(mpath, cfg)
+    if layers is None:
+      # Fetched from a copy: jax caches a fetched array's host value on the array itself.
+      top.append((hf_name(mpath, cfg), LazyTensor(tuple(value.shape), np.dtype(value.dtype),
+                                                  lambda v=value: np.asarray(jax.device_get(jnp.copy(v))))))
+      continue
+    for rep, lpath in enumerate(layers):
+      per_layer.setdefault(lpath[1], []).append((hf_name(lpath, cfg), LazyTensor(
+          tuple(value.shape[1:]), np.dtype(value.dtype), lambda v=value, r=rep: np.asarray(jax.device_get(v[r])))))
+  first = [t for t in top if t[0].endswith("embed_tokens.weight")]
+  last = sorted((t for t in top if t not in first), key=lambda t: t[0] == "lm_head.weight")
+  return first + [t for i in sorted(per_layer) for t in per_layer[i]] + last
+
+
+def iter_hf_tensors(model: Trunk) -> Iterator[tuple[str, np.ndarray]]:
+  """`(hf_name, host array)` for every trunk tensor, one at a time, in Hugging Face's order."""
+  for name, tensor in _hf_tensors(model):
+    yield name, tensor.load()
 
 
 def save_model(model: Trunk, tokenizer, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -364,18 +459,20 @@ def save_model(model: Trunk, tokenizer, path: str, *, max_shard_bytes: int = 5 *
   The result loads with `transformers.AutoModelForCausalLM.from_pretrained`
   and with `load_model`. Multimodal Gemma 3 trunks are written as their text
   model (`Gemma3ForCausalLM`). Weights larger than `max_shard_bytes` are split
-  into `model-0000x-of-0000y.safetensors` shards with an index.
+  into `model-0000x-of-0000y.safetensors` shards with an index. Tensors are
+  fetched from their devices one at a time as they are written, so host memory
+  holds one tensor (one layer's slice of a stacked weight), never the model.
   """
   os.makedirs(path, exist_ok=True)
   dtype_name = jnp.dtype(model.dtype).name
-  shards: list[dict[str, np.ndarray]] = [{}]
+  shards: list[dict[str, LazyTensor]] = [{}]
   size = 0
-  for name, arr in iter_hf_tensors(model):
-    if shards[-1] and size + arr.nbytes > max_shard_bytes:
+  for name, tensor in _hf_tensors(model):
+    if shards[-1] and size + tensor.nbytes > max_shard_bytes:
       shards.append({})
       size = 0
-    shards[-1][name] = arr
-    size += arr.nbytes
+    shards[-1][name] = tensor
+    size += tensor.nbytes
   if len(shards) == 1:
     write_safetensors(os.path.join(path, SINGLE_FILE), shards[0])
   else:
@@ -385,7 +482,7 @@ def save_model(model: Trunk, tokenizer, path: str, *, max_shard_bytes: int = 5 *
       fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
       write_safetensors(os.path.join(path, fname), shard)
       weight_map.update({n: fname for n in shard})
-      total += sum(a.nbytes for a in shard.values())
+      total += sum(t.nbytes for t in shard.values())
     with open(os.path.join(path, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(path, "config.json"), "w") as f:

@@ -111,8 +111,7 @@ def _prefill_slot(graphdef, state, caches, slot, ids, length, soft, soft_len, so
   mask = (jnp.arange(t)[None, :] < length).astype(jnp.int32)
   embeds, mask, _, _ = prompts_lib.splice(embeds, mask, soft, soft_len[None], soft_index[None])
   row, logits, lengths = sampling.prefill_caches(model, embeds, mask, total)
-  caches = [{k: jax.lax.dynamic_update_slice_in_dim(c[k], r[k], slot, axis=0) for k in c}
-            for c, r in zip(caches, row)]
+  caches = sampling.insert_rows(caches, row, slot)
   first = sample_rows(logits + steer[None], _row_keys(seed[None], lengths), temperature[None], top_p[None])
   return caches, first[0], lengths[0]
 
@@ -130,8 +129,7 @@ def _prefill_streams(graphdef, state, caches, row, ids, lengths, weights, beta, 
   model = nnx.merge(graphdef, state)
   mask = (jnp.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
   rows, logits, _ = sampling.prefill_caches(model, model.embed(ids), mask, total)
-  caches = [{k: jax.lax.dynamic_update_slice_in_dim(c[k], r[k], row, axis=0) for k in c}
-            for c, r in zip(caches, rows)]
+  caches = sampling.insert_rows(caches, rows, row)
   return caches, _pull(logits[None], weights[None], beta)[0]
 
 
@@ -258,12 +256,7 @@ class Engine:
   # --- the loop -------------------------------------------------------------------------
 
   def _empty_caches(self, model, rows: int):
-    cfg = model.config
-    size = lambda kind: sampling._cache_len(model, kind, self.max_context)
-    return [{"k": jnp.zeros((rows, cfg.num_kv_heads, size(kind), cfg.head_dim), model.dtype),
-             "v": jnp.zeros((rows, cfg.num_kv_heads, size(kind), cfg.head_dim), model.dtype),
-             "pos": jnp.full((rows, size(kind)), -1, jnp.int32)}
-            for kind in cfg.layer_types]
+    return sampling.init_caches(model, rows, self.max_context)
 
   def _loop(self):
     try:
