@@ -19,6 +19,10 @@ A batch is a dict of numpy arrays:
                                         position just before it
   soft_index      int32   [batch]       where the soft tokens are inserted (= len(prefix))
   class_ids       int32   [batch]
+  targets         int32   [batch, m]    each row's target positions (t >= 1 with
+                                        loss_mask 1) in order, then 0; m is the
+                                        longest row's count, bucketed: the loss
+                                        computes logits only there
 Rows added to fill the last batch have all-zero masks.
 """
 
@@ -435,14 +439,22 @@ def collate(examples: Sequence[Example], batch_size: int, buckets: Sequence[int]
   lm = np.zeros((batch_size, t), np.float32)
   si = np.zeros((batch_size,), np.int32)
   ci = np.zeros((batch_size,), np.int32)
+  rows = []
   for r, e in enumerate(examples):
     seq = np.concatenate([e.prefix, e.suffix, e.target])
     ids[r, :len(seq)] = seq
     am[r, :len(seq)] = 1
-    lm[r, len(e.prefix) + len(e.suffix):len(seq)] = 1.0
+    start = len(e.prefix) + len(e.suffix)
+    lm[r, start:len(seq)] = 1.0
     si[r] = len(e.prefix)
     ci[r] = e.class_id
-  return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "soft_index": si, "class_ids": ci}
+    rows.append(np.arange(max(start, 1), len(seq), dtype=np.int32))  # token 0 is never predicted
+  m = min(t, bucket_len(max([len(x) for x in rows] + [1]), buckets))
+  tg = np.zeros((batch_size, m), np.int32)
+  for r, x in enumerate(rows):
+    tg[r, :len(x)] = x
+  return {"input_ids": ids, "attention_mask": am, "loss_mask": lm, "soft_index": si, "class_ids": ci,
+          "targets": tg}
 
 
 class ShuffledBatches:
@@ -452,33 +464,51 @@ class ShuffledBatches:
   seen. The last partial batch is padded with empty rows (or dropped).
   With `num_shards > 1`, each process gets rows `shard::num_shards` of every
   global batch (multi-host data loading).
+
+  With `micro_batch_size`, `micro_batches` gives each batch as micro-batches
+  of that many rows: the batch's examples by decreasing length, each
+  micro-batch padded only to its own bucket, so a large batch (a full-batch
+  stage 2) runs in bounded memory with little padding.
   """
 
   def __init__(self, examples: Sequence[Example], batch_size: int, *, seed: int = 0,
                buckets: Sequence[int] = (), pad_id: int = 0, drop_last: bool = False, shuffle: bool = True,
-               shard: int = 0, num_shards: int = 1):
+               shard: int = 0, num_shards: int = 1, micro_batch_size: int = 0):
     if not examples:
       raise DataError("no examples to batch")
     self.examples, self.batch_size, self.seed = list(examples), batch_size or len(examples), seed
     self.buckets = tuple(buckets) or default_buckets(max(len(e) for e in examples))
     self.pad_id, self.drop_last, self.shuffle = pad_id, drop_last, shuffle
     self.shard, self.num_shards = shard, num_shards
-    if self.batch_size % num_shards:
-      raise DataError(f"batch size {self.batch_size} is not divisible by {num_shards} processes")
+    self.micro_batch_size = micro_batch_size if 0 < micro_batch_size < self.batch_size else 0
+    # Each process reads its rows of every forward pass's batch.
+    name, size = ("micro-batch size", self.micro_batch_size) if self.micro_batch_size else \
+        ("batch size", self.batch_size)
+    if size % num_shards:
+      raise DataError(f"{name} {size} is not divisible by {num_shards} processes")
 
   def steps_per_epoch(self) -> int:
     n = len(self.examples)
     return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-  def batch(self, epoch: int, index: int) -> dict:
+  def _rows(self, epoch: int, index: int) -> list[Example]:
     n = len(self.examples)
     order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-    sel = order[index * self.batch_size:(index + 1) * self.batch_size]
-    rows = [self.examples[i] for i in sel]
-    b = collate(rows, self.batch_size, self.buckets, self.pad_id)
-    if self.num_shards > 1:
-      b = {k: v[self.shard::self.num_shards] for k, v in b.items()}
-    return b
+    return [self.examples[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
+
+  def _local(self, b: dict) -> dict:
+    return {k: v[self.shard::self.num_shards] for k, v in b.items()} if self.num_shards > 1 else b
+
+  def batch(self, epoch: int, index: int) -> dict:
+    return self._local(collate(self._rows(epoch, index), self.batch_size, self.buckets, self.pad_id))
+
+  def micro_batches(self, epoch: int, index: int) -> list[dict]:
+    """Batch `(epoch, index)` as the micro-batches an update runs (one, without `micro_batch_size`)."""
+    if not self.micro_batch_size:
+      return [self.batch(epoch, index)]
+    rows = sorted(self._rows(epoch, index), key=len, reverse=True)  # stable: a fixed order for equal lengths
+    mb = self.micro_batch_size
+    return [self._local(collate(rows[i:i + mb], mb, self.buckets, self.pad_id)) for i in range(0, len(rows), mb)]
 
   def all_batches(self) -> list[dict]:
     """Every batch of epoch 0 in order (for evaluation with shuffle=False)."""

@@ -8,8 +8,14 @@ parameters get no optimizer state and stay bitwise unchanged.
 
 Batches are dicts of numpy arrays (see `persomux.data`): `input_ids`,
 `attention_mask`, `loss_mask` `[batch, seq]`, `soft_index`, `class_ids`
-`[batch]`. `loss_mask[b, t] = 1` marks token t as a target; it is predicted
-from the position just before it in the spliced sequence.
+`[batch]`, and optionally `targets` `[batch, m]`. `loss_mask[b, t] = 1` marks
+token t as a target; it is predicted from the position just before it in the
+spliced sequence. Logits are computed only there, a chunk of `loss_chunk`
+tokens at a time, so the loss never holds `[batch, seq, vocab]` logits.
+
+An update may run as several micro-batches (`BatchSource.micro_batches`):
+their gradients of the summed loss add up, and the step divides by the
+update's target tokens, so it equals the update of one big batch.
 """
 
 from __future__ import annotations
@@ -35,79 +41,177 @@ from persomux.checkpoint import Checkpointer, Part
 
 
 class TrainingDiverged(RuntimeError):
-  """A non-finite loss; the last good checkpoint is left intact."""
+  """A non-finite loss or gradient; the last good checkpoint is left intact."""
+
+
+class ConfigChanged(ValueError):
+  """A resume whose config differs from the one the checkpoint was written with."""
 
 
 class BatchSource(Protocol):
-  """Deterministic batches: the same (epoch, index) always gives the same batch."""
+  """Deterministic batches: the same (epoch, index) always gives the same update.
+
+  `micro_batches(epoch, index)` is the update's batch as the micro-batches
+  that run one forward pass each (one dict for an update in a single pass).
+  """
 
   def steps_per_epoch(self) -> int: ...
 
-  def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]: ...
+  def micro_batches(self, epoch: int, index: int) -> list[dict[str, np.ndarray]]: ...
 
 
 # --- loss ------------------------------------------------------------------------
 
+LOSS_CHUNK = 1024  # default `loss_chunk`: target tokens whose logits are computed at once
 
-def token_nll(trunk, prompt, batch: dict[str, jax.Array], bias_scale=1.0):
-  """Per-token negative log-likelihood of the targets.
 
-  Returns `(nll [batch, seq], mask [batch, seq])`, where `mask` is the loss mask
-  (token 0 never counts). With `prompt=None` the trunk runs without soft tokens.
+def _target_index(loss_mask: jax.Array) -> jax.Array:
+  """`[batch, seq]`: each row's target positions (loss_mask > 0, position 0 excluded),
+  in order, then zeros; for batches without a `targets` array (see `data.collate`)."""
+  t = loss_mask.shape[1]
+  carries = (loss_mask > 0) & (jnp.arange(t) > 0)[None, :]
+  order = jnp.argsort(jnp.where(carries, 0, 1), axis=1, stable=True)
+  return jnp.where(jnp.take_along_axis(carries, order, axis=1), order, 0).astype(jnp.int32)
+
+
+def chunked_nll(trunk, h: jax.Array, ids: jax.Array, loss_chunk: int = LOSS_CHUNK) -> jax.Array:
+  """`-log p(ids | h)` `[batch, m]` from hidden states `h` `[batch, m, d]` (before the final norm).
+
+  Logits exist for about `loss_chunk` tokens at a time (`max(1, loss_chunk // batch)`
+  per row): chunks run in a `lax.map`, each under `jax.checkpoint` so the backward
+  pass recomputes a chunk's logits instead of keeping them all. One chunk needs
+  neither: it is computed directly.
+  """
+  b, m, d = h.shape
+  per_row = max(1, min(m, loss_chunk // max(b, 1)))
+  n = -(-m // per_row)
+  if n * per_row > m:
+    h = jnp.pad(h, ((0, 0), (0, n * per_row - m), (0, 0)))
+    ids = jnp.pad(ids, ((0, 0), (0, n * per_row - m)))
+
+  def nll(hc, yc):
+    logits = trunk.logits(hc)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+
+  if n == 1:
+    return nll(h, ids)[:, :m]
+  hs = h.reshape(b, n, per_row, d).swapaxes(0, 1)  # [n, b, per_row, d]: rows stay where the batch is sharded
+  ys = ids.reshape(b, n, per_row).swapaxes(0, 1)
+  out = jax.lax.map(lambda xy: jax.checkpoint(nll)(*xy), (hs, ys))
+  return out.swapaxes(0, 1).reshape(b, n * per_row)[:, :m]
+
+
+def target_nll(trunk, prompt, batch: dict[str, jax.Array], bias_scale=1.0, loss_chunk: int = LOSS_CHUNK):
+  """Negative log-likelihood of each target token, computed at target positions only.
+
+  Returns `(nll [batch, m], weight [batch, m])` over the batch's `targets`
+  (token positions, see `data.collate`; derived from `loss_mask` when the batch
+  has none, with m = seq), where `weight` is the loss mask there (0 on
+  padding; token 0 never counts). With `prompt=None` the trunk runs without
+  soft tokens. No `[batch, seq, vocab]` array is formed (`chunked_nll`).
   """
   ids = batch["input_ids"]
-  b, t = ids.shape
   embeds = trunk.embed(ids)
   if prompt is None:
     h = trunk.hidden_states(embeds, batch["attention_mask"])
-    token_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    token_index = None
   else:
     soft, soft_len = prompt(batch["class_ids"], bias_scale)
     embeds, mask, positions, token_index = prompts_lib.splice(
         embeds, batch["attention_mask"], soft, soft_len, batch["soft_index"])
     h = trunk.hidden_states(embeds, mask, positions)
-  # The hidden state just before each token (in the spliced sequence) predicts it.
-  pred = jnp.maximum(token_index - 1, 0)
-  h = jnp.take_along_axis(h, pred[..., None], axis=1)
-  logits = trunk.logits(h)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  gold = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32) * (jnp.arange(t) > 0)[None, :]
-  return (logz - gold) * mask, mask
+  targets = batch["targets"] if "targets" in batch else _target_index(batch["loss_mask"])
+  weight = jnp.take_along_axis(batch["loss_mask"].astype(jnp.float32), targets, axis=1) * (targets > 0)
+  # The hidden state just before each target (in the spliced sequence) predicts it.
+  pos = targets if token_index is None else jnp.take_along_axis(token_index, targets, axis=1)
+  h = jnp.take_along_axis(h, jnp.maximum(pos - 1, 0)[..., None], axis=1)
+  gold = jnp.take_along_axis(ids, targets, axis=1)
+  return chunked_nll(trunk, h, gold, loss_chunk) * weight, weight
 
 
-def mean_loss(trunk, prompt, batch, bias_scale=1.0):
-  nll, mask = token_nll(trunk, prompt, batch, bias_scale)
-  return nll.sum() / jnp.maximum(mask.sum(), 1.0)
+def loss_sums(trunk, prompt, batch, bias_scale=1.0, loss_chunk: int = LOSS_CHUNK):
+  """`(nll summed over the batch's targets, target tokens)`."""
+  nll, weight = target_nll(trunk, prompt, batch, bias_scale, loss_chunk)
+  return nll.sum(), weight.sum()
 
 
-@nnx.jit
-def train_step(trunk, prompt, opt, batch):
-  """One optimizer step on the parameters `opt` was built for; returns (loss, grad norm)."""
-  diff = nnx.DiffState(0, opt.wrt)
-  loss, grads = nnx.value_and_grad(lambda p: mean_loss(trunk, p, batch), argnums=diff)(prompt)
-  opt.update(prompt, grads)
-  return loss, optax.tree.norm(grads)
+def mean_loss(trunk, prompt, batch, bias_scale=1.0, loss_chunk: int = LOSS_CHUNK):
+  s, n = loss_sums(trunk, prompt, batch, bias_scale, loss_chunk)
+  return s / jnp.maximum(n, 1.0)
 
 
-@nnx.jit
-def adapter_step(trunk, opt, batch):
+def _grads(trunk, prompt, wrt, batch, loss_chunk: int, mean: bool):
+  """`(nll sum, target tokens, gradient)` of the mean (or summed) loss with respect to
+  the `wrt` variables of the prompt, or of the trunk when `prompt` is None."""
+
+  def f(owner):
+    t, p = (owner, None) if prompt is None else (trunk, owner)
+    s, n = loss_sums(t, p, batch, 1.0, loss_chunk)
+    return (s / jnp.maximum(n, 1.0) if mean else s), (s, n)
+
+  (_, (s, n)), grads = nnx.value_and_grad(f, argnums=nnx.DiffState(0, wrt), has_aux=True)(
+      trunk if prompt is None else prompt)
+  return s, n, grads
+
+
+@nnx.jit(static_argnames="loss_chunk")
+def train_step(trunk, prompt, opt, batch, loss_chunk: int = LOSS_CHUNK):
+  """One optimizer step on the parameters `opt` was built for, from one batch; returns (loss, grad norm).
+
+  With `prompt=None` the trunk's own variables that `opt` selects train (LoRA adapters, or every
+  weight for the demo's base model)."""
+  s, n, grads = _grads(trunk, prompt, opt.wrt, batch, loss_chunk, mean=True)
+  opt.update(trunk if prompt is None else prompt, grads)
+  return s / jnp.maximum(n, 1.0), optax.tree.norm(grads)
+
+
+def adapter_step(trunk, opt, batch, loss_chunk: int = LOSS_CHUNK):
   """One optimizer step on the trunk's variables `opt` was built for (LoRA adapters), no soft prompt."""
-  diff = nnx.DiffState(0, opt.wrt)
-  loss, grads = nnx.value_and_grad(lambda t: mean_loss(t, None, batch), argnums=diff)(trunk)
-  opt.update(trunk, grads)
-  return loss, optax.tree.norm(grads)
+  return train_step(trunk, None, opt, batch, loss_chunk=loss_chunk)
+
+
+@nnx.jit(static_argnames="loss_chunk", donate_argnames="acc")
+def accumulate_step(trunk, prompt, opt, batch, acc, loss_chunk: int = LOSS_CHUNK):
+  """Adds one micro-batch's `(nll sum, target tokens, gradient of the nll sum)` to `acc`."""
+  s, n, grads = _grads(trunk, prompt, opt.wrt, batch, loss_chunk, mean=False)
+  return jax.tree.map(jnp.add, acc, {"nll": s, "tokens": n, "grads": grads})
 
 
 @nnx.jit
-def row_losses(trunk, prompt, batch, bias_scale):
+def apply_step(owner, opt, acc):
+  """The optimizer step of an accumulated update: the gradient of the mean over all of its
+  target tokens (not a mean of micro-batch means); returns (loss, grad norm)."""
+  n = jnp.maximum(acc["tokens"], 1.0)
+  grads = jax.tree.map(lambda g: g / n, acc["grads"])
+  opt.update(owner, grads)
+  return acc["nll"] / n, optax.tree.norm(grads)
+
+
+def empty_accumulator(owner, wrt) -> dict:
+  """Zeros shaped and placed like what `accumulate_step` adds up for `owner`'s `wrt` variables."""
+  zeros = lambda x: jnp.zeros_like(x, device=x.sharding)
+  return {"nll": jnp.zeros((), jnp.float32, device=_replicated_like(owner)),
+          "tokens": jnp.zeros((), jnp.float32, device=_replicated_like(owner)),
+          "grads": jax.tree.map(zeros, nnx.state(owner, wrt))}
+
+
+def _replicated_like(module):
+  """A sharding that replicates over the devices `module`'s first array lives on."""
+  x = jax.tree.leaves(nnx.state(module))[0]
+  if isinstance(x.sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+  return x.sharding
+
+
+@nnx.jit(static_argnames="loss_chunk")
+def row_losses(trunk, prompt, batch, bias_scale, loss_chunk: int = LOSS_CHUNK):
   """Per-row `(nll sum, target tokens)` `[batch]`."""
-  nll, mask = token_nll(trunk, prompt, batch, bias_scale)
-  return nll.sum(-1), mask.sum(-1)
+  nll, weight = target_nll(trunk, prompt, batch, bias_scale, loss_chunk)
+  return nll.sum(-1), weight.sum(-1)
 
 
 def score_examples(model, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int = 0,
-                   prompt=None) -> tuple[np.ndarray, np.ndarray]:
+                   prompt=None, loss_chunk: int = LOSS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
   """Per-example `(nll sum [N], target tokens [N])` of `data.Example`s under `model`
   (and `prompt`, if given), batched by similar length."""
   sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
@@ -116,13 +220,13 @@ def score_examples(model, examples: Sequence, *, batch_size: int, max_len: int, 
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     batch = data_lib.collate([examples[i] for i in idx], batch_size, buckets, pad_id)
-    s, c = row_losses(model, prompt, batch, np.float32(1.0))
+    s, c = row_losses(model, prompt, batch, np.float32(1.0), loss_chunk=loss_chunk)
     sums[idx], counts[idx] = np.asarray(s)[:len(idx)], np.asarray(c)[:len(idx)]
   return sums, counts
 
 
 def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale=1.0,
-             num_classes: int | None = None) -> dict[str, Any]:
+             num_classes: int | None = None, loss_chunk: int = LOSS_CHUNK) -> dict[str, Any]:
   """Token-mean test loss overall and per class id.
 
   Returns `{"loss": float, "per_class": {class_id: float}, "tokens": int}`.
@@ -130,7 +234,7 @@ def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale
   sums: dict[int, float] = {}
   counts: dict[int, float] = {}
   for batch in batches:
-    s, c = jax.device_get(row_losses(trunk, prompt, batch, jnp.float32(bias_scale)))
+    s, c = jax.device_get(row_losses(trunk, prompt, batch, jnp.float32(bias_scale), loss_chunk=loss_chunk))
     for cid, si, ci in zip(np.asarray(batch["class_ids"]), s, c):
       if ci > 0:
         sums[int(cid)] = sums.get(int(cid), 0.0) + float(si)
@@ -243,15 +347,28 @@ def _commit(module, mesh) -> None:
 def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = None,
                checkpoint_every: int = 100, eval_fn: Callable[[], dict] | None = None,
                eval_every: int = 0, stage: str = "train", on_step: Callable[[int], None] | None = None,
-               progress: bool = True, mesh=None) -> dict[str, Any]:
+               on_micro_batch: Callable[[int, int], None] | None = None, progress: bool = True, mesh=None,
+               loss_chunk: int = LOSS_CHUNK, config: dict | None = None,
+               allow_config_change: bool = False) -> dict[str, Any]:
   """Runs `phases` in order, resuming from the latest checkpoint in `workdir`.
 
+  Each update takes its batch from `phase.data.micro_batches`: one forward
+  and backward pass per micro-batch, their gradients summed, then one
+  optimizer step with the gradient of the mean loss over all of the update's
+  target tokens (exactly what one pass over the whole batch would give).
+
   Checkpoints (orbax, atomic) go to `workdir/checkpoints/<stage>` every
-  `checkpoint_every` steps and at the end of each phase, holding the prompt
-  state, the optimizer state and the position `(phase, step)`. A resumed run
-  replays the same batches and ends with the same parameters as an
-  uninterrupted one. A non-finite loss raises `TrainingDiverged` before
+  `checkpoint_every` updates and at the end of each phase, holding the prompt
+  state, the optimizer state, the position `(phase, step)` and `config`. A
+  resumed run replays the same batches and ends with the same parameters as
+  an uninterrupted one (a run killed between micro-batches redoes that
+  update). A non-finite loss or gradient raises `TrainingDiverged` before
   anything is saved. Metrics go to `workdir/metrics.jsonl`.
+
+  `config` is a flat `{field: value}` of what the run's result depends on
+  (`run_config.Run.flat`): a resume whose `config` differs from the
+  checkpoint's raises `ConfigChanged` naming the changed fields, unless
+  `allow_config_change`.
 
   With `prompt=None` the trunk's own variables selected by each phase's
   `wrt` train instead (the LoRA baseline: `wrt=LoRAParam`); only they are
@@ -260,8 +377,13 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
   With a `mesh`, the prompt state is sharded by `sharding.prompt_spec` and
   every batch over the data axes (the trunk is sharded when it is loaded).
 
+  `on_step(global_step)` runs after each update, `on_micro_batch(global_step,
+  index)` after each micro-batch of an accumulated one (progress, tests).
+
   Returns `{"final_loss": float, "steps": int}`.
   """
+  from persomux import run_config
+
   if mesh is not None:
     from persomux import sharding
 
@@ -272,8 +394,7 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
   # What trains, and what a checkpoint holds of it.
   owner = trunk if prompt is None else prompt
   saved = (lambda ph: {"adapters": Part(trunk, ph.wrt)}) if prompt is None else (lambda ph: {"prompt": prompt})
-  step_fn = (lambda opt, b: adapter_step(trunk, opt, b)) if prompt is None else \
-      (lambda opt, b: train_step(trunk, prompt, opt, b))
+  place = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage)) if workdir else None
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
   offsets = np.cumsum([0] + [p.steps for p in phases])
@@ -285,6 +406,12 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
     if resume_phase >= len(phases) or meta.get("phase_name") != phases[resume_phase].name:
       raise ValueError(f"{ckpt.directory}: checkpoint is from phase {meta.get('phase_name')!r}, "
                        "which this run's phases do not match; use a fresh workdir")
+    changed = run_config.changes(meta.get("config") or {}, config or {})
+    if changed and not allow_config_change:
+      raise ConfigChanged(
+          f"{ckpt.directory}: this checkpoint was written with another config; changed: {'; '.join(changed)}. "
+          "Resuming would mix two runs: use a new workdir, or pass --allow_config_change to resume with "
+          "the new config")
     # The optimizer of the checkpointed phase restores with it, even if that
     # phase was complete: its state shape depends on what trained.
     resume_opt = nnx.Optimizer(owner, make_tx(phases[resume_phase].optim, phases[resume_phase].steps),
@@ -293,7 +420,9 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
     last_loss = float(meta.get("loss", last_loss))
     if _host0():
       print(f"[{stage}] resumed from {ckpt.directory}: phase {phases[resume_phase].name!r} "
-            f"step {resume_step}/{phases[resume_phase].steps}")
+            f"step {resume_step}/{phases[resume_phase].steps}"
+            + (f" (config changed: {'; '.join(changed)})" if changed else ""))
+  where = ckpt.directory if ckpt else "(none)"
   for pi, phase in enumerate(phases):
     if pi < resume_phase:
       continue
@@ -313,23 +442,29 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
                disable=not (progress and _host0()), dynamic_ncols=True)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
-      batch = phase.data.batch(step // spe, step % spe)
-      tokens += int(np.asarray(batch["attention_mask"]).sum())
-      if mesh is not None:
-        batch = sharding.shard_batch(batch, mesh)
-      loss, gnorm = step_fn(opt, batch)
-      loss = float(loss)
-      if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"[{stage}/{phase.name}] loss is {loss} at step {step}; stopped without saving. "
-            f"The last good checkpoint in {ckpt.directory if ckpt else '(none)'} is intact; "
-            "lower the learning rate or check the data.")
-      last_loss = loss
       gstep = int(offsets[pi]) + step + 1
+      micro = phase.data.micro_batches(step // spe, step % spe)
+      tokens += sum(int(np.asarray(b["attention_mask"]).sum()) for b in micro)
+      if len(micro) == 1:
+        loss, gnorm = train_step(trunk, prompt, opt, place(micro[0]), loss_chunk=loss_chunk)
+      else:
+        acc = empty_accumulator(owner, phase.wrt)
+        for j, b in enumerate(micro):
+          acc = accumulate_step(trunk, prompt, opt, place(b), acc, loss_chunk=loss_chunk)
+          if on_micro_batch is not None:
+            on_micro_batch(gstep, j)
+        loss, gnorm = apply_step(owner, opt, acc)
+      loss, gnorm = float(loss), float(gnorm)
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gnorm} (loss {loss:.4f})"
+        raise TrainingDiverged(
+            f"[{stage}/{phase.name}] {what} at step {step}; stopped without saving. The last good checkpoint "
+            f"in {where} is intact; lower the learning rate or check the data.")
+      last_loss = loss
       rate = tokens / max(time.perf_counter() - t0, 1e-9)
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-      log.write(event="train", stage=stage, phase=phase.name, step=gstep, loss=loss,
-                grad_norm=float(gnorm), tokens_per_s=rate)
+      log.write(event="train", stage=stage, phase=phase.name, step=gstep, loss=loss, grad_norm=gnorm,
+                tokens_per_s=rate)
       done = step + 1
       if eval_fn is not None and eval_every and (gstep % eval_every == 0 or done == phase.steps):
         ev = eval_fn()
@@ -339,7 +474,7 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
       if ckpt is not None and (done % checkpoint_every == 0 or done == phase.steps):
         ckpt.save(gstep, {**saved(phase), "opt": opt},
                   {"phase": pi, "step": done, "phase_name": phase.name, "global_step": gstep,
-                   "loss": loss})
+                   "loss": loss, "config": config or {}})
     bar.close()
   if ckpt is not None:
     ckpt.close()
@@ -347,14 +482,6 @@ def run_phases(trunk, prompt, phases: Sequence[Phase], *, workdir: str | None = 
 
 
 # --- base language model (the demo's trunk) -----------------------------------------
-
-
-@nnx.jit
-def lm_step(model, opt, batch):
-  """One full-parameter language-modelling step (no soft prompt)."""
-  loss, grads = nnx.value_and_grad(lambda m: mean_loss(m, None, batch))(model)
-  opt.update(model, grads)
-  return loss
 
 
 def train_language_model(model, data: BatchSource, steps: int, optim: OptimConfig,
@@ -369,7 +496,8 @@ def train_language_model(model, data: BatchSource, steps: int, optim: OptimConfi
   losses = []
   bar = tqdm(range(steps), desc="base LM", disable=not (progress and _host0()), dynamic_ncols=True)
   for step in bar:
-    loss = float(lm_step(model, opt, data.batch(step // spe, step % spe)))
+    loss, _ = train_step(model, None, opt, data.batch(step // spe, step % spe))
+    loss = float(loss)
     if not math.isfinite(loss):
       raise TrainingDiverged(f"[base LM] loss is {loss} at step {step}; lower the learning rate")
     losses.append(loss)

@@ -165,3 +165,50 @@ def test_batches_masks_buckets_and_resume(tok):
     bt = src.batch(5, i)
     seen.update(bt["class_ids"][bt["attention_mask"].sum(1) > 0].tolist())
   assert seen == collections.Counter({i: 5 for i in range(4)})  # every example once per epoch
+
+
+def _varied(n=23, seed=0):
+  r = np.random.RandomState(seed)
+  ids = lambda k: r.randint(3, 50, k).astype(np.int32)
+  return [D.Example(ids(1 + r.randint(3)), ids(r.randint(20)), ids(1 + r.randint(12)), i % 4) for i in range(n)]
+
+
+def test_targets_list_every_loss_position_in_order():
+  exs = _varied()
+  b = D.collate(exs[:6], 8, (8, 16, 32, 64))
+  t, m = b["input_ids"].shape[1], b["targets"].shape[1]
+  assert m < t and m in (8, 16, 32)
+  for r in range(8):
+    want = np.nonzero(b["loss_mask"][r] * (np.arange(t) > 0))[0]
+    got = b["targets"][r]
+    np.testing.assert_array_equal(got[:len(want)], want)
+    assert (got[len(want):] == 0).all()
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_micro_batches_split_a_batch_by_length(num_shards):
+  """Micro-batches hold exactly the batch's rows, longest first, each padded only to its own bucket;
+  every process gets its rows of every micro-batch."""
+  exs = _varied()
+  local = [D.ShuffledBatches(exs, 10, seed=1, buckets=(8, 16, 32), micro_batch_size=4, shard=s,
+                             num_shards=num_shards) for s in range(num_shards)]
+  whole = D.ShuffledBatches(exs, 10, seed=1, buckets=(8, 16, 32))
+  assert local[0].steps_per_epoch() == 3
+  for e, i in [(0, 0), (1, 2)]:
+    parts = [src.micro_batches(e, i) for src in local]
+    assert len({len(p) for p in parts}) == 1
+    rows = [(tuple(mb["input_ids"][r][mb["attention_mask"][r] > 0]), int(mb["class_ids"][r]))
+            for p in parts for mb in p for r in range(len(mb["input_ids"])) if mb["attention_mask"][r].sum()]
+    ref = whole.batch(e, i)
+    want = [(tuple(ref["input_ids"][r][ref["attention_mask"][r] > 0]), int(ref["class_ids"][r]))
+            for r in range(10) if ref["attention_mask"][r].sum()]
+    assert sorted(rows) == sorted(want)
+    for j in range(len(parts[0])):
+      shapes = {p[j]["input_ids"].shape for p in parts}
+      assert len(shapes) == 1 and next(iter(shapes))[0] == 4 // num_shards  # the same shape on every process
+    lengths = [p[j]["attention_mask"].sum(1).max() for p in parts[:1] for j in range(len(p))]
+    assert lengths == sorted(lengths, reverse=True)
+    widths = [p[0]["input_ids"].shape[1] for p in zip(*parts)]
+    assert widths[-1] <= widths[0] and (widths[0] == ref["input_ids"].shape[1])
+  with pytest.raises(D.DataError, match="micro-batch size 3 is not divisible by 2 processes"):
+    D.ShuffledBatches(exs, 10, micro_batch_size=3, num_shards=2)
