@@ -12,6 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.remat = False  # rematerialize decoder layers in the backward pass (saves activation memory)
   c.seed = 0
   c.mesh = ""  # e.g. "data:2,fsdp:2,tensor:2"; empty: every device on `data`
+  # Target tokens whose logits are computed at once (the loss never holds [batch, seq, vocab]
+  # logits: only target positions, a chunk at a time; one chunk is [loss_chunk, vocab] float32).
+  c.loss_chunk = 1024
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # JSONL, CSV or Parquet with class/text[/context/persona/group]
@@ -34,7 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.prompt.init_std = 0.0
 
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.batch_size = 8
+  c.pretrain.batch_size = 8  # examples per update
+  # Rows per forward pass: an update sums the gradients of batch_size / micro_batch_size micro-batches
+  # (the same update as one big batch, in bounded memory); 0: the whole batch in one pass.
+  c.pretrain.micro_batch_size = 0
   c.pretrain.warmup_epochs = 1  # bias-only epochs before joint training
   c.pretrain.epochs = 1  # joint epochs
   c.pretrain.learning_rate = 1e-3
@@ -48,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.batch_size = 0  # 0: full batch (all of the new classes' data), as in the paper
+  c.finetune.micro_batch_size = 0  # rows per forward pass (see pretrain); set it for a large full batch
   c.finetune.steps = 100
   c.finetune.learning_rate = 1e-2
   c.finetune.schedule = "constant"
@@ -63,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0
   c.lora.targets = "q_proj,v_proj"  # any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
   c.lora.batch_size = 8
+  c.lora.micro_batch_size = 0
   c.lora.epochs = 1
   c.lora.steps = 0  # > 0 overrides epochs
   c.lora.learning_rate = 1e-4

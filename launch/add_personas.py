@@ -28,7 +28,7 @@ if __package__:  # imported as launch.add_personas: installed, python -m, or a c
 else:  # python launch/add_personas.py from a checkout (sys.path[0] is launch/)
   import common  # noqa: F401
 from absl import app, flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's run.json.")
@@ -42,20 +42,21 @@ flags.DEFINE_enum("method", "persona_mux", ["persona_mux", "random_codebook", "s
                   "ablation for comparison.")
 flags.DEFINE_bool("replace", False, "Train new personas under names the run already has; they take the names "
                   "over in the persona bank.")
+common.define_resume_flags()
 
 
 def main(argv):
   del argv
   from persomux import data as data_lib
-  from persomux import stages
+  from persomux import stages, train
 
   job = FLAGS.job or os.path.splitext(os.path.basename(os.path.normpath(FLAGS.data)))[0]
   try:
     stages.check_job_name(job)
   except stages.JobError as e:
     raise app.UsageError(f"--job: {e}") from e
+  cfg = common.run_config(FLAGS.config, FLAGS.workdir)
   try:  # check the new personas before loading a big trunk
-    cfg = FLAGS.config if FLAGS.config is not None else config_dict.ConfigDict(stages.load_run(FLAGS.workdir))
     records, skipped = data_lib.load_records(FLAGS.data)
   except (data_lib.DataError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
@@ -65,8 +66,9 @@ def main(argv):
   trunk, tokenizer = stages.load_trunk(cfg, mesh)
   try:
     out = stages.add_personas(cfg, FLAGS.workdir, trunk, tokenizer, records, job=job, method=FLAGS.method,
-                              replace=FLAGS.replace, source=FLAGS.data, mesh=mesh)
-  except (data_lib.DataError, stages.JobError, FileNotFoundError) as e:
+                              replace=FLAGS.replace, source=FLAGS.data, mesh=mesh,
+                              allow_config_change=FLAGS.allow_config_change)
+  except (data_lib.DataError, stages.JobError, FileNotFoundError, train.ConfigChanged) as e:
     raise app.UsageError(str(e)) from e
   per = out["per_persona"]
   fmt = lambda x: "-" if x is None else f"{x:.4f}"

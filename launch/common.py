@@ -19,6 +19,28 @@ flags.DEFINE_integer("num_processes", None, "Processes in the job (default: $JAX
 flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID or detected).")
 
 
+def define_resume_flags():
+  """`--allow_config_change`, for the launches that resume a run from its workdir."""
+  flags.DEFINE_bool("allow_config_change", False, "Resume a run whose config (run.json, or what a checkpoint "
+                    "was written with) differs from this one; without it such a resume is refused with the "
+                    "changed fields listed. Fields that only change memory use or logging (micro_batch_size, "
+                    "loss_chunk, remat, mesh, checkpoint_every, eval_every) may always change.")
+
+
+def run_config(config=None, workdir: str | None = None):
+  """The typed config (`persomux.run_config.Run`) of `config`, else of the run in `workdir`
+  (its run.json); a bad or missing one is a usage error."""
+  from absl import app
+
+  from persomux import run_config as rc
+  from persomux import stages
+
+  try:
+    return rc.view(config if config is not None else stages.load_run(workdir))
+  except (rc.ConfigError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+
+
 def setup(config=None):
   """Initializes multi-host JAX when asked, and returns the mesh."""
   import jax
@@ -39,7 +61,9 @@ def setup(config=None):
   logging.set_verbosity(logging.WARNING)
   from persomux import sharding
 
-  spec = FLAGS.mesh if FLAGS.mesh is not None else (config.get("mesh", "") if config is not None else "")
+  from persomux import run_config
+
+  spec = FLAGS.mesh if FLAGS.mesh is not None else (run_config.view(config).mesh if config is not None else "")
   mesh = sharding.parse_mesh(spec or None)
   # One device needs no mesh: plain placement skips sharding machinery.
   return mesh if mesh.size > 1 else None

@@ -22,6 +22,7 @@ Every stage resumes from WORKDIR if the run is interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -37,6 +38,22 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "..", "configs", "demo.py"),
                                 "Demo config file.")
 flags.DEFINE_string("workdir", "runs/demo", "Where the base model, checkpoints and results go.")
+common.define_resume_flags()
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+  """The toy config's `base_model` section: the small Llama trained from scratch as the frozen trunk."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  ffn_dim: int
+  steps: int
+  batch_size: int
+  learning_rate: float
 
 
 def base_model(cfg, workdir, records, split, mesh=None):
@@ -46,7 +63,7 @@ def base_model(cfg, workdir, records, split, mesh=None):
 
   import persomux
   from persomux import data as data_lib
-  from persomux import train
+  from persomux import run_config, train
   from persomux.models.config import TrunkConfig
   from persomux.models.modeling import Trunk
   from persomux.tokenizer import train_bpe_tokenizer
@@ -54,8 +71,8 @@ def base_model(cfg, workdir, records, split, mesh=None):
   path = os.path.join(workdir, "base_model")
   if os.path.isfile(os.path.join(path, "config.json")):
     print(f"base model: reusing {path}")
-    return persomux.load_model(path, dtype=cfg.dtype, mesh=mesh)
-  bm = cfg.base_model
+    return persomux.load_model(path, dtype=cfg.dtype or None, mesh=mesh)
+  bm = run_config.section(BaseModel, cfg.extras.get("base_model"), "base_model")
   seen = set(split.pretrain)
   texts = [f"{r.context}\n{r.text}" for r in records if r.cls in seen]
   tokenizer = train_bpe_tokenizer(texts, vocab_size=bm.vocab_size)
@@ -81,67 +98,81 @@ def base_model(cfg, workdir, records, split, mesh=None):
       learning_rate=bm.learning_rate, schedule="cosine", warmup_steps=50))
   print(f"base model: LM loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} over {bm.steps} steps")
   persomux.save_model(model, tokenizer, path)
-  return persomux.load_model(path, dtype=cfg.dtype, mesh=mesh)
+  return persomux.load_model(path, dtype=cfg.dtype or None, mesh=mesh)
 
 
 def make_corpus(cfg) -> list[dict]:
-  """The demo's persona population (`cfg.corpus_kind`: "personas_en" or "synthetic")."""
-  from persomux import personas_en, synthetic
+  """The demo's persona population (`corpus_kind`: "personas_en" or "synthetic", with its `corpus` section)."""
+  from persomux import personas_en, run_config, synthetic
 
-  cc = cfg.corpus.to_dict()
-  if cfg.corpus_kind == "synthetic":
-    return synthetic.make_corpus(synthetic.SyntheticCorpusConfig(**cc))
-  if cfg.corpus_kind == "personas_en":
-    return personas_en.make_corpus(personas_en.PersonaPopulationConfig(**cc))
-  raise app.UsageError(f"--config.corpus_kind={cfg.corpus_kind!r}: expected personas_en or synthetic")
+  kinds = {"synthetic": (synthetic.make_corpus, synthetic.SyntheticCorpusConfig),
+           "personas_en": (personas_en.make_corpus, personas_en.PersonaPopulationConfig)}
+  kind = cfg.extras.get("corpus_kind")
+  if kind not in kinds:
+    raise app.UsageError(f"--config.corpus_kind={kind!r}: expected personas_en or synthetic")
+  make, section = kinds[kind]
+  try:
+    return make(run_config.section(section, cfg.extras.get("corpus"), "corpus", dataclasses.asdict(section())))
+  except run_config.ConfigError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def main(argv):
   del argv
 
   from persomux import data as data_lib
-  from persomux import evaluation, stages, synthetic
+  from persomux import evaluation, stages, synthetic, train
 
-  cfg = FLAGS.config
   workdir = FLAGS.workdir
-  mesh = common.setup(cfg)
   os.makedirs(workdir, exist_ok=True)
-  t0 = time.time()
   data_path = os.path.join(workdir, "corpus.jsonl")
-  synthetic.write_jsonl(make_corpus(cfg), data_path)
+  # The demo's own data, and for the toy config its own trunk, both in the workdir.
+  cfg = FLAGS.config
   cfg.data.path = data_path
+  if cfg.corpus_kind == "synthetic":
+    cfg.model_dir = os.path.join(workdir, "base_model")
+  cfg = common.run_config(cfg)
+  mesh = common.setup(cfg)
+  t0 = time.time()
+  synthetic.write_jsonl(make_corpus(cfg), data_path)
   records, _ = data_lib.load_records(data_path)
-  split = stages.Split.make(records, cfg.to_dict(), workdir)
+  split = stages.Split.make(records, cfg, workdir)
   print(f"corpus: {len(records)} records, {len(split.pretrain)} pretraining personas, "
         f"{len(split.finetune)} unseen personas")
+  try:
+    stages.save_run(cfg, workdir, allow_config_change=FLAGS.allow_config_change)
+  except train.ConfigChanged as e:
+    raise app.UsageError(str(e)) from e
 
-  if cfg.corpus_kind == "synthetic":
+  if cfg.extras.get("corpus_kind") == "synthetic":
     trunk, tokenizer = base_model(cfg, workdir, records, split, mesh)
-    cfg.model_dir = os.path.join(workdir, "base_model")
   else:
     import persomux
 
     trunk, tokenizer = persomux.load_model(cfg.model_dir, dtype=cfg.dtype or None, mesh=mesh)
     print(f"trunk: {cfg.model_dir} ({trunk.config.family}, {trunk.config.num_layers} layers, "
           f"d={trunk.config.d_model}, vocab {trunk.config.vocab_size}), loaded in {time.time() - t0:.0f} s")
-  stages.save_run(cfg, workdir)
 
-  pre = stages.pretrain(cfg, workdir, trunk, tokenizer, records, mesh=mesh)
-  print(f"stage 1: {pre['classes']} personas, test loss {pre['test_loss']:.4f}")
-
-  # Stage 2 for every method, the LoRA baseline, and the paper's evaluation (reduced: see configs/demo.py).
+  allow = FLAGS.allow_config_change
+  try:
+    pre = stages.pretrain(cfg, workdir, trunk, tokenizer, records, mesh=mesh, allow_config_change=allow)
+    print(f"stage 1: {pre['classes']} personas, test loss {pre['test_loss']:.4f}")
+    # Stage 2 for every method and the LoRA baseline where the config lists it, then the paper's
+    # evaluation (reduced: see configs/demo.py), which only measures.
+    stages.evaluation_stages(cfg, workdir, trunk, tokenizer, records, methods=evaluation.methods(cfg), mesh=mesh,
+                             allow_config_change=allow)
+  except train.ConfigChanged as e:
+    raise app.UsageError(str(e)) from e
   try:
     embedder = evaluation.load_embedder()
   except ImportError as e:
     print(f"embedding metrics skipped: {e}")
     embedder = None
-  rep = evaluation.evaluate_run(cfg, workdir, trunk, tokenizer, records, embedder=embedder, mesh=mesh,
-                                trunk_name=cfg.model_dir)
+  evaluation.evaluate_run(cfg, workdir, trunk, tokenizer, records, embedder=embedder, trunk_name=cfg.model_dir)
   with open(os.path.join(workdir, "report.md")) as f:
     print("\n" + f.read())
   print(f"wrote report.md, report.json, loss_curves.png, mixtures.png and bias_sweep.png to {workdir}")
   print(f"demo time: {time.time() - t0:.0f} s")
-  del rep
 
 
 def run():

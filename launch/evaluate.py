@@ -3,11 +3,13 @@ r"""The paper's evaluation of a run on its held-out (stage-2) classes.
   python launch/evaluate.py --workdir=runs/l3 [--judge_model=/path/to/gemma-2-27b] [--methods=base,persona_mux]
 
 Uses the trunk, data and split of the run in --workdir (its run.json, with
-configs/base.py defaults for any section it lacks) unless --config is given.
-Trains whatever the workdir lacks (stage 2 for each method, the LoRA
-baseline; stage 1 must exist) and resumes what was interrupted, then
-measures every method (base, icl, lora, soft_prompt, random_codebook,
-persona_mux at each bias scale) and writes to WORKDIR:
+configs/base.py defaults for any field it lacks) unless --config is given.
+First trains whatever the workdir lacks (stage 2 for each method, the LoRA
+baseline; stage 1 must exist) and resumes what was interrupted; then the
+trunk measures every method (base, icl, lora, soft_prompt, random_codebook,
+persona_mux at each bias scale: test loss, generations). With --judge_model
+the trunk is then freed, and only then the judge loaded, so the two never
+share the devices; the judge scores the generations. Writes to WORKDIR:
   report.md       tables laid out like the paper's (Tables 2, 4, 5, 6, 7,
                   embedding diversity/fidelity, the bias sweep)
   report.json     test_loss, generation_loss, discrimination, loss_improvement,
@@ -15,6 +17,7 @@ persona_mux at each bias scale) and writes to WORKDIR:
   loss_curves.png, mixtures.png, bias_sweep.png
 """
 
+import dataclasses
 import os
 
 if __package__:  # imported as launch.evaluate: installed, python -m, or a console entry point
@@ -22,7 +25,7 @@ if __package__:  # imported as launch.evaluate: installed, python -m, or a conso
 else:  # python launch/evaluate.py from a checkout (sys.path[0] is launch/)
   import common  # noqa: F401  (sys.path, --mesh, --distributed)
 from absl import app, flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's run.json.")
@@ -41,52 +44,64 @@ flags.DEFINE_integer("max_new_tokens", None, "Tokens per generation (default: co
 flags.DEFINE_integer("discrimination_trials", None, "Discrimination trials per method (default: config).")
 flags.DEFINE_enum("discrimination", None, ["fake", "next"], "fake: spot the generation among 3 real texts; "
                   "next: pick the next item among the generation and 3 decoys (default: config).")
+common.define_resume_flags()
 
 
-def run_config(workdir, config=None):
-  """The run's config with configs/base.py defaults filled in for missing sections and fields."""
-  from configs import base
+def free(module) -> int:
+  """Deletes the device buffers of every array `module` holds (it is unusable after);
+  returns the bytes freed."""
+  import jax
+  from flax import nnx
 
-  from persomux import stages
-
-  full = base.get_config().to_dict()
-  given = config.to_dict() if config is not None else stages.load_run(workdir)
-
-  def merge(into, new):
-    for k, v in new.items():
-      if isinstance(v, dict) and isinstance(into.get(k), dict):
-        merge(into[k], v)
-      else:
-        into[k] = v
-
-  merge(full, given)
-  return config_dict.ConfigDict(full)
+  freed = 0
+  for x in jax.tree.leaves(nnx.state(module)):
+    if isinstance(x, jax.Array) and not x.is_deleted():
+      freed += x.nbytes
+      x.delete()
+  return freed
 
 
 def main(argv):
   del argv
-  from persomux import evaluation, stages
+  import jax
+
+  from persomux import evaluation, stages, train
   from persomux.models.params import load_model
 
-  cfg = run_config(FLAGS.workdir, FLAGS.config)
-  for name in ("methods", "bias_scales", "generation_classes", "prompts_per_class", "max_new_tokens",
-               "discrimination_trials", "discrimination"):
-    if getattr(FLAGS, name) is not None:
-      cfg.eval[name] = getattr(FLAGS, name)
+  cfg = common.run_config(FLAGS.config, FLAGS.workdir)
+  overrides = {name: getattr(FLAGS, name) for name in (
+      "methods", "bias_scales", "generation_classes", "prompts_per_class", "max_new_tokens",
+      "discrimination_trials", "discrimination") if getattr(FLAGS, name) is not None}
+  cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **overrides))
+  try:
+    methods = evaluation.methods(cfg)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   mesh = common.setup(cfg)
   trunk, tokenizer = stages.load_trunk(cfg, mesh)
-  judge = None
+  try:
+    stages.evaluation_stages(cfg, FLAGS.workdir, trunk, tokenizer, methods=methods, mesh=mesh,
+                             allow_config_change=FLAGS.allow_config_change)
+  except train.ConfigChanged as e:
+    raise app.UsageError(str(e)) from e
+  measured = evaluation.measure(cfg, FLAGS.workdir, trunk, tokenizer)
   if FLAGS.judge_model:
-    judge = load_model(FLAGS.judge_model, dtype=FLAGS.judge_dtype or cfg.dtype, mesh=mesh)
+    # The judge (e.g. Gemma-2-27B) never shares the devices with the trunk.
+    freed = free(trunk)
+    del trunk
+    live = sum(x.nbytes for x in jax.live_arrays())
+    print(f"[eval] freed the trunk: {freed:,} bytes; live device arrays before loading the judge: {live:,} bytes")
+    judge = load_model(FLAGS.judge_model, dtype=FLAGS.judge_dtype or cfg.dtype or None, mesh=mesh)
+    name = FLAGS.judge_model
+  else:
+    judge, name = (trunk, tokenizer), "the trunk itself"
   emb = None
   if (FLAGS.embedding_model or "").lower() != "none":
     emb = evaluation.load_embedder(FLAGS.embedding_model)
-  rep = evaluation.evaluate_run(cfg, FLAGS.workdir, trunk, tokenizer, judge=judge, judge_name=FLAGS.judge_model,
-                                embedder=emb, mesh=mesh)
+  evaluation.finish(cfg, FLAGS.workdir, measured, judge, judge_name=name, embedder=emb)
   with open(os.path.join(FLAGS.workdir, "report.md")) as f:
     print(f.read())
   print(f"wrote report.md, report.json and plots to {FLAGS.workdir}")
-  del rep
 
 
 def run():

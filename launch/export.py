@@ -66,8 +66,8 @@ def main(argv):
   from persomux.models import lora as lora_lib
   from persomux.models.params import load_config, load_model, save_model
 
-  run = stages.load_run(FLAGS.workdir)
-  model_dir = run["model_dir"]
+  run = common.run_config(None, FLAGS.workdir)
+  model_dir = run.model_dir
   trunk_cfg = load_config(model_dir)
   why = trunk_needs_export(model_dir, trunk_cfg) if FLAGS.export_trunk == "auto" else None
   write_trunk = FLAGS.format == "peft" and (FLAGS.export_trunk == "always" or why is not None)
@@ -109,7 +109,7 @@ def main(argv):
     print(f"wrote {path}")
   if write_trunk:  # after the adapter, so a bad --persona writes nothing
     has_tok = any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES)
-    trunk, tokenizer = load_model(model_dir, dtype=run.get("dtype", "float32"), tokenizer=has_tok)
+    trunk, tokenizer = load_model(model_dir, dtype=run.dtype or "float32", tokenizer=has_tok)
     save_model(trunk, tokenizer, base_model)
     print(f"wrote the trunk to {base_model}" + (f" ({why})" if why else ""))
 

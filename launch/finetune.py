@@ -15,27 +15,32 @@ if __package__:  # imported as launch.finetune: installed, python -m, or a conso
 else:  # python launch/finetune.py from a checkout (sys.path[0] is launch/)
   import common  # noqa: F401
 from absl import app, flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's run.json.")
 flags.DEFINE_string("workdir", None, "The stage-1 run directory.", required=True)
 flags.DEFINE_enum("method", "persona_mux", ["persona_mux", "random_codebook", "soft_prompt"],
                   "Which per-class parameters to learn.")
+common.define_resume_flags()
 
 
 def main(argv):
   del argv
-  from persomux import param_counts, stages
+  from persomux import param_counts, stages, train
 
-  cfg = FLAGS.config if FLAGS.config is not None else config_dict.ConfigDict(stages.load_run(FLAGS.workdir))
+  cfg = common.run_config(FLAGS.config, FLAGS.workdir)
   mesh = common.setup(cfg)
   trunk, tokenizer = stages.load_trunk(cfg, mesh)
   p = cfg.prompt
   print("trainable parameters:", json.dumps(param_counts(
       cfg.model_dir, num_codes=p.num_codes, code_tokens=p.code_tokens, bias_tokens=p.bias_tokens,
       soft_prompt_tokens=p.soft_prompt_tokens)))
-  out = stages.finetune(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method, mesh=mesh)
+  try:
+    out = stages.finetune(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method, mesh=mesh,
+                          allow_config_change=FLAGS.allow_config_change)
+  except train.ConfigChanged as e:
+    raise app.UsageError(str(e)) from e
   print(json.dumps({"method": FLAGS.method, "initial_test_loss": out["initial_test_loss"],
                     "test_loss": out["test_loss"], "per_class": out["per_class"]}, indent=2))
 

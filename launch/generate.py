@@ -42,7 +42,7 @@ def main(argv):
   del argv
   from persomux import sampling, stages
 
-  run = stages.load_run(FLAGS.workdir)
+  run = common.run_config(None, FLAGS.workdir)
   mesh = common.setup(run)
   trunk, tokenizer = stages.load_trunk(run, mesh)
   try:
@@ -60,10 +60,10 @@ def main(argv):
     except (OSError, ValueError) as e:
       raise app.UsageError(f"--drift: {e}") from e
     name = FLAGS.drift_model or weights.model
-    if not name or name == run["model_dir"]:
+    if not name or name == run.model_dir:
       small, small_tok = trunk, tokenizer
     else:
-      small, small_tok = load_model(name, dtype=run.get("dtype") or None)
+      small, small_tok = load_model(name, dtype=run.dtype or None)
     if small.config.vocab_size != trunk.config.vocab_size:
       raise app.UsageError(f"--drift: the small LM {name!r} has a vocabulary of {small.config.vocab_size}, the "
                            f"trunk {trunk.config.vocab_size}; Drift needs a shared tokenizer")

@@ -23,23 +23,31 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/llama
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, prompt state).", required=True)
 flags.DEFINE_enum("method", "persona_mux", ["persona_mux", "random_codebook", "soft_prompt"],
                   "Prompt parameterization to pretrain.")
+common.define_resume_flags()
 
 
 def main(argv):
   del argv
-  from persomux import param_counts, stages
+  from persomux import param_counts, stages, train
 
-  cfg = FLAGS.config
-  if cfg is None:
+  if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-  mesh = common.setup(cfg)
+  cfg = common.run_config(FLAGS.config)
+  mesh = common.setup(cfg)  # first: multi-host initialization precedes any other JAX call
+  try:
+    stages.save_run(cfg, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+  except train.ConfigChanged as e:
+    raise app.UsageError(str(e)) from e
   trunk, tokenizer = stages.load_trunk(cfg, mesh)
   p = cfg.prompt
   counts = param_counts(cfg.model_dir, num_codes=p.num_codes, code_tokens=p.code_tokens,
                         bias_tokens=p.bias_tokens, soft_prompt_tokens=p.soft_prompt_tokens)
   print("trainable parameters:", json.dumps(counts))
-  stages.save_run(cfg, FLAGS.workdir)
-  out = stages.pretrain(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method, mesh=mesh)
+  try:
+    out = stages.pretrain(cfg, FLAGS.workdir, trunk, tokenizer, method=FLAGS.method, mesh=mesh,
+                          allow_config_change=FLAGS.allow_config_change)
+  except train.ConfigChanged as e:
+    raise app.UsageError(str(e)) from e
   print(json.dumps({k: out[k] for k in ("test_loss", "classes", "train_examples", "test_examples",
                                          "final_loss", "steps", "truncated")}, indent=2))
 

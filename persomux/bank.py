@@ -61,10 +61,10 @@ class PersonaBank:
   @classmethod
   def load(cls, workdir: str) -> "PersonaBank":
     """Gathers every Persona-Mux persona of the run in `workdir` (see the module doc)."""
-    run = stages.load_run(workdir)
+    from persomux import run_config
     from persomux.models.params import load_config
 
-    d = load_config(run["model_dir"]).d_model
+    d = load_config(run_config.view(stages.load_run(workdir)).model_dir).d_model
     pre_dir = os.path.join(workdir, "prompt", "pretrain")
     if not os.path.isdir(pre_dir):
       raise FileNotFoundError(f"{pre_dir}: no stage-1 codebook; run launch/pretrain.py with this workdir first")

@@ -22,9 +22,13 @@ Metrics (paper table in brackets):
   embedding_similarity cosine of the mean embeddings of generated and real texts (S.L.O.P.)
 
 The pure metric functions (`text_nll`, `discrimination`, `embedding_variance`,
-`embedding_similarity`, `improvement_stats`) take plain inputs; `evaluate_run`
-trains whatever stage a workdir lacks (each stage resumes) and writes the
-report (`persomux.report`).
+`embedding_similarity`, `improvement_stats`) take plain inputs. Evaluation
+only measures: the stages it needs are trained first (`stages.evaluation_stages`,
+which the launches run), then `measure` has the trunk score and generate
+with each method, `finish` has the judge and the embedder score the
+generations and writes the report (`persomux.report`), and `evaluate_run`
+does both with one model loaded. Between the two the trunk may be freed, so a
+large judge never shares the devices with it (launch/evaluate.py).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from persomux import data as data_lib
-from persomux import train
+from persomux import run_config, train
 
 FINETUNED = ("soft_prompt", "random_codebook", "persona_mux")
 ALL_METHODS = ("base", "icl", "lora") + FINETUNED
@@ -56,7 +60,7 @@ def sweep_name(scale: float) -> str:
 
 
 def text_nll(model, tokenizer, prompts: Sequence[str], texts: Sequence[str], *, batch_size: int = 16,
-             max_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
+             max_len: int = 512, loss_chunk: int = train.LOSS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
   """Loss of each text given its prompt under `model` (any `Trunk`) with its own tokenizer.
 
   The prompt is tokenized with special tokens (BOS), the text without; only
@@ -75,7 +79,8 @@ def text_nll(model, tokenizer, prompts: Sequence[str], texts: Sequence[str], *, 
       pid = pid[:1] + (pid[len(pid) - (room - 1):] if room > 1 else [])
     examples.append(data_lib.Example(np.asarray(pid, np.int32), np.zeros(0, np.int32), np.asarray(tid, np.int32), 0))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return train.score_examples(model, examples, batch_size=batch_size, max_len=max_len, pad_id=pad)
+  return train.score_examples(model, examples, batch_size=batch_size, max_len=max_len, pad_id=pad,
+                              loss_chunk=loss_chunk)
 
 
 def token_mean(sums, counts) -> float:
@@ -99,7 +104,7 @@ FAKE_HEADER = "Texts written by one author:\n\n"
 
 
 def discrimination(model, tokenizer, trials: Sequence[Trial], mode: str = "fake", *, batch_size: int = 16,
-                   max_len: int = 512) -> tuple[float, list[list[float]]]:
+                   max_len: int = 512, loss_chunk: int = train.LOSS_CHUNK) -> tuple[float, list[list[float]]]:
   """Scores trials by the judge's likelihood of each option.
 
   mode "fake": option j is scored by its per-token loss given the other
@@ -124,7 +129,8 @@ def discrimination(model, tokenizer, trials: Sequence[Trial], mode: str = "fake"
       else:
         prompts.append((t.context or "") + "\n")
       texts.append(opt)
-  sums, counts = text_nll(model, tokenizer, prompts, texts, batch_size=batch_size, max_len=max_len)
+  sums, counts = text_nll(model, tokenizer, prompts, texts, batch_size=batch_size, max_len=max_len,
+                          loss_chunk=loss_chunk)
   # An empty option is as surprising as can be: picked as the fake, never as the next item.
   per_token = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
   total, scores, k = 0.0, [], 0
@@ -272,12 +278,6 @@ def make_trials(items: Sequence[Item], generated: Sequence[str], pool: dict[str,
 # --- the whole evaluation --------------------------------------------------------------------------
 
 
-def _csv(v, cast=str) -> list:
-  if isinstance(v, (list, tuple)):
-    return [cast(x) for x in v]
-  return [cast(x.strip()) for x in str(v).split(",") if x.strip()]
-
-
 def showcase_items(test: Sequence[data_lib.Record], classes: Sequence[str], num_classes: int = 2) -> list[Item]:
   """One context put to `num_classes` held-out classes: the first test context of
   the first class, and each class's first test reply as its real text. Shows
@@ -294,59 +294,82 @@ def showcase_items(test: Sequence[data_lib.Record], classes: Sequence[str], num_
   return items
 
 
-def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=None, judge_name=None,
-                 embedder=None, progress: bool = True, mesh=None, log: Callable[[str], None] = print,
-                 trunk_name: str | None = None) -> dict[str, Any]:
-  """Trains what `workdir` lacks, evaluates every method and writes the report.
+def methods(config) -> list[str]:
+  """`eval.methods`, checked: each one of `ALL_METHODS`."""
+  names = run_config.view(config).eval.method_list
+  unknown = [m for m in names if m not in ALL_METHODS]
+  if unknown:
+    raise ValueError(f"eval.methods: unknown {unknown}; expected any of {', '.join(ALL_METHODS)}")
+  return names
 
-  Args:
-    config: the run's config (with `eval` and `lora` sections; see configs/base.py).
-    judge: `(model, tokenizer)` of the judge LM; default: the trunk itself.
-    judge_name: how the report names the judge (e.g. its path).
-    trunk_name: how the report names the trunk (default: `config["model_dir"]`).
-    embedder: `texts -> [N, D]` unit-norm embeddings, or None to skip the embedding metrics.
 
-  Returns the report dict (also written as `report.json`).
+@dataclasses.dataclass
+class Measured:
+  """What the trunk measured (`measure`): each method's test loss, its generations for
+  the judge and the embedder to score (`finish`), and what the report needs besides."""
+
+  test_loss: dict[str, float]
+  generations: dict[str, list[str]]
+  shown: dict[str, list[str]]  # greedy replies to the showcase context
+  items: list[Item]
+  showcase: list[Item]
+  pool: dict[str, list[str]]  # class -> its real texts (train and test)
+  real_test: dict[str, list[str]]  # class -> its real test texts
+  real_ctx: dict[str, str | None]
+  improvement: dict[str, dict[str, float]]
+  params: dict[str, dict[str, int]]
+  setup: dict[str, Any]
+  mixtures: dict[str, tuple[np.ndarray, list[str]]]
+
+
+def _trained(workdir: str, name: str, d_model: int):
+  """`(module, meta)` of a trained prompt the evaluation needs."""
+  from persomux import stages
+
+  try:
+    return stages.load_prompt(workdir, name, d_model)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}; train it first (stages.evaluation_stages, which launch/evaluate.py runs)") \
+        from None
+
+
+def measure(config, workdir: str, trunk, tokenizer, records=None, *, progress: bool = True,
+            log: Callable[[str], None] = print, trunk_name: str | None = None) -> Measured:
+  """Each method's test loss and generations under the trunk, from the stages in `workdir`.
+
+  Trains nothing: stage 2 of each fine-tuned method and the LoRA adapters must
+  be there (`stages.evaluation_stages`).
   """
   from persomux import prompts as prompts_lib
-  from persomux import report as report_lib
   from persomux import stages
   from persomux.models import lora as lora_lib
 
-  config = stages._cfg_dict(config)
-  ec = config["eval"]
-  methods = _csv(ec["methods"])
-  unknown = [m for m in methods if m not in ALL_METHODS]
-  if unknown:
-    raise ValueError(f"eval.methods: unknown {unknown}; expected any of {', '.join(ALL_METHODS)}")
-  scales = _csv(ec["bias_scales"], float)
+  c = run_config.view(config)
+  ec = c.eval
+  names = methods(c)
+  scales = ec.scale_list
   if records is None:
-    records, _ = data_lib.load_records(config["data"]["path"])
-  split = stages.Split.make(records, config, workdir)
-  fmt = stages.formatter_for(tokenizer, config)
-
-  # Stage 2 (and the ablation, which the loss-improvement table needs) and LoRA: trained or resumed.
-  tuned = {}
-  for m in FINETUNED:
-    if m in methods or (m == "random_codebook" and "persona_mux" in methods):
-      log(f"[eval] stage 2: {m}")
-      tuned[m] = stages.finetune(config, workdir, trunk, tokenizer, records, method=m, progress=progress,
-                                 mesh=mesh)
-  if "lora" in methods:
-    log("[eval] LoRA baseline")
-    stages.train_lora(config, workdir, trunk, tokenizer, records, progress=progress, mesh=mesh)
+    records, _ = data_lib.load_records(c.data.path)
+  split = stages.Split.make(records, c, workdir)
+  fmt = stages.formatter_for(tokenizer, c)
+  d = trunk.config.d_model
+  tuned = {m: _trained(workdir, f"finetune_{m}", d) for m in FINETUNED
+           if m in names or (m == "random_codebook" and "persona_mux" in names)}
+  if "lora" in names and not os.path.isdir(os.path.join(workdir, "prompt", "lora")):
+    raise FileNotFoundError(f"{os.path.join(workdir, 'prompt', 'lora')}: no LoRA adapters; train them first "
+                            "(stages.evaluation_stages, which launch/evaluate.py runs)")
 
   counts: collections.Counter = collections.Counter()
-  tr_records, te_records = stages.class_records(records, split.finetune, config, "max_per_class_finetune")
+  tr_records, te_records = stages.class_records(records, split.finetune, c, "max_per_class_finetune")
   vocab = data_lib.ClassVocab(split.finetune)
-  test_ex = data_lib.encode(te_records, fmt, vocab, config["data"]["max_len"], counts)
-  test_batches = stages._eval_batches(test_ex, config)
-  shots = data_lib.pick_shots(tr_records, ec["icl_shots"], ec["seed"])
-  icl_personas = {c: data_lib.in_context_persona(split.personas.get(c), s) for c, s in shots.items()}
+  test_ex = data_lib.encode(te_records, fmt, vocab, c.data.max_len, counts)
+  test_batches = stages.eval_batches(test_ex, c)
+  shots = data_lib.pick_shots(tr_records, ec.icl_shots, ec.seed)
+  icl_personas = {cls: data_lib.in_context_persona(split.personas.get(cls), s) for cls, s in shots.items()}
 
   # Each method: (module, bias scale, persona overrides, needs LoRA attached).
   variants: dict[str, tuple] = {}
-  for m in methods:
+  for m in names:
     if m == "base":
       variants[m] = (None, 1.0, None, False)
     elif m == "icl":
@@ -355,14 +378,12 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
       variants[m] = (None, 1.0, None, True)
     elif m == "persona_mux":
       for s in scales:
-        variants[sweep_name(s)] = (tuned[m]["prompt"], s, None, False)
+        variants[sweep_name(s)] = (tuned[m][0], s, None, False)
     else:
-      variants[m] = (tuned[m]["prompt"], 1.0, None, False)
+      variants[m] = (tuned[m][0], 1.0, None, False)
 
-  items = generation_items(te_records, split.finetune, ec["generation_classes"], ec["prompts_per_class"],
-                           ec["seed"])
+  items = generation_items(te_records, split.finetune, ec.generation_classes, ec.prompts_per_class, ec.seed)
   showcase = showcase_items(te_records, split.finetune)
-  real_ctx = {c: rs[0].context for c, rs in data_lib.by_class(te_records).items()}
   test_loss, generations, shown = {}, {}, {}
   bar = tqdm(variants.items(), desc="eval methods", disable=not progress, dynamic_ncols=True)
   for name, (module, scale, personas, with_lora) in bar:
@@ -371,105 +392,133 @@ def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=
       stages.load_lora(workdir, trunk)
     try:
       if personas is None:
-        ev = train.evaluate(trunk, module, test_batches, scale)
+        ev = train.evaluate(trunk, module, test_batches, scale, loss_chunk=c.loss_chunk)
       else:
         icl_records = [dataclasses.replace(r, persona=personas.get(r.cls, r.persona)) for r in te_records]
-        budget = config["data"]["max_len"] * (ec["icl_shots"] + 1)
+        budget = c.data.max_len * (ec.icl_shots + 1)
         icl_ex = data_lib.encode(icl_records, fmt, vocab, budget, counts)
         ev = train.evaluate(trunk, None, data_lib.ShuffledBatches(
-            icl_ex, config["pretrain"]["batch_size"], buckets=data_lib.default_buckets(budget),
-            shuffle=False).all_batches())
+            icl_ex, c.pretrain.micro_batch_size or c.pretrain.batch_size, buckets=data_lib.default_buckets(budget),
+            shuffle=False).all_batches(), loss_chunk=c.loss_chunk)
       test_loss[name] = float(ev["loss"])
       generations[name] = generate_for(
           trunk, tokenizer, fmt, items, module=module, bias_scale=scale, personas=personas,
-          max_new_tokens=ec["max_new_tokens"], temperature=ec["temperature"], top_k=ec["top_k"],
-          seed=ec["seed"], batch_size=ec["batch_size"])
+          max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, top_k=ec.top_k, seed=ec.seed,
+          batch_size=ec.batch_size)
       # Greedy, so the side-by-side replies are reproducible and each method's likeliest answer.
       shown[name] = generate_for(trunk, tokenizer, fmt, showcase, module=module, bias_scale=scale,
-                                 personas=personas, max_new_tokens=ec["max_new_tokens"], temperature=0.0,
-                                 batch_size=ec["batch_size"])
+                                 personas=personas, max_new_tokens=ec.max_new_tokens, temperature=0.0,
+                                 batch_size=ec.batch_size)
     finally:
       if with_lora:
         lora_lib.detach(trunk)
     log(f"[eval] {name}: test loss {test_loss[name]:.4f}")
 
-  judge_model, judge_tok = judge if judge is not None else (trunk, tokenizer)
   pool: dict[str, list[str]] = collections.defaultdict(list)
   for r in tr_records + te_records:
     pool[r.cls].append(r.text)
-  generation_loss, disc, disc_scores = {}, {}, {}
-  for name, gens in generations.items():
-    s, c = text_nll(judge_model, judge_tok, [(it.context or "") + "\n" for it in items], gens,
-                    batch_size=ec["batch_size"], max_len=ec["judge_max_len"])
-    generation_loss[name] = token_mean(s, c)
-    trials = make_trials(items, gens, pool, ec["discrimination"], ec["discrimination_trials"], ec["seed"])
-    disc[name], disc_scores[name] = discrimination(judge_model, judge_tok, trials, ec["discrimination"],
-                                                   batch_size=ec["batch_size"], max_len=ec["judge_max_len"])
-  n_trials = len(trials) if generations else 0
-
-  emb_var, emb_sim = {}, {}
-  if embedder is not None:
-    used = {it.cls for it in items}
-    real_emb = {c: embedder([r.text for r in rs]) for c, rs in data_lib.by_class(te_records).items() if c in used}
-    for name, gens in generations.items():
-      emb = embedder(gens)
-      by = collections.defaultdict(list)
-      for it, e in zip(items, emb):
-        by[it.cls].append(e)
-      multi = [np.stack(v) for v in by.values() if len(v) >= 2]
-      emb_var[name] = float(np.mean([embedding_variance(v) for v in multi])) if multi else embedding_variance(emb)
-      emb_sim[name] = float(np.mean([embedding_similarity(np.stack(v), real_emb[c]) for c, v in by.items()]))
-
-  improvement = {m: improvement_stats(tuned[m]["initial_per_class"], tuned[m]["per_class"])
+  # Per-class test loss before and after stage 2, as stage 2 recorded them.
+  improvement = {m: improvement_stats(tuned[m][1].get("initial_per_class", {}), tuned[m][1].get("per_class", {}))
                  for m in ("persona_mux", "random_codebook", "soft_prompt") if m in tuned}
-  pc = config["prompt"]
-  counts_pm = prompts_lib.param_counts(config["model_dir"], num_codes=pc["num_codes"], code_tokens=pc["code_tokens"],
-                                       bias_tokens=pc["bias_tokens"], soft_prompt_tokens=pc["soft_prompt_tokens"])
+  pc = c.prompt
+  counts_pm = prompts_lib.param_counts(c.model_dir, num_codes=pc.num_codes, code_tokens=pc.code_tokens,
+                                       bias_tokens=pc.bias_tokens, soft_prompt_tokens=pc.soft_prompt_tokens)
   params = {}
   for name in variants:
     base_name = "persona_mux" if name.startswith("persona_mux") else name
     if base_name in counts_pm:
       params[name] = counts_pm[base_name]
     elif base_name == "lora":
-      params[name] = {"global": lora_lib.count(trunk.config, lora_lib.LoRAConfig.from_config(config["lora"])),
-                      "per_class": 0}
+      params[name] = {"global": lora_lib.count(trunk.config, c.lora.adapters()), "per_class": 0}
     else:
       params[name] = {"global": 0, "per_class": 0}
+  mixtures = {}
+  if os.path.isdir(os.path.join(workdir, "prompt", "pretrain")):
+    pre, meta = stages.load_prompt(workdir, "pretrain", d)
+    mixtures["stage 1"] = (np.asarray(pre.mixtures[...]), meta["classes"])
+  if "persona_mux" in tuned:
+    mixtures["stage 2"] = (np.asarray(tuned["persona_mux"][0].mixtures[...]), tuned["persona_mux"][1]["classes"])
+  setup = {"trunk": trunk_name or c.model_dir, "classes": len(split.finetune), "test_examples": len(test_ex),
+           "test_tokens": int(sum(b["loss_mask"].sum() for b in test_batches)),
+           "generation_classes": len({it.cls for it in items}), "generations_per_method": len(items),
+           "discrimination_mode": ec.discrimination, "truncated": dict(counts)}
+  return Measured(test_loss, generations, shown, items, showcase, dict(pool),
+                  {cls: [r.text for r in rs] for cls, rs in data_lib.by_class(te_records).items()},
+                  {cls: rs[0].context for cls, rs in data_lib.by_class(te_records).items()},
+                  improvement, params, setup, mixtures)
+
+
+def finish(config, workdir: str, measured: Measured, judge, *, judge_name: str = "judge", embedder=None
+           ) -> dict[str, Any]:
+  """Scores `measured`'s generations with the judge `(model, tokenizer)` (generation
+  loss, discrimination) and `embedder` (or None to skip the embedding metrics),
+  and writes the report (`report.md`, `report.json`, plots); returns it."""
+  from persomux import report as report_lib
+
+  c = run_config.view(config)
+  ec = c.eval
+  m = measured
+  judge_model, judge_tok = judge
+  generation_loss, disc, disc_scores = {}, {}, {}
+  trials = []
+  for name, gens in m.generations.items():
+    s, n = text_nll(judge_model, judge_tok, [(it.context or "") + "\n" for it in m.items], gens,
+                    batch_size=ec.batch_size, max_len=ec.judge_max_len, loss_chunk=c.loss_chunk)
+    generation_loss[name] = token_mean(s, n)
+    trials = make_trials(m.items, gens, m.pool, ec.discrimination, ec.discrimination_trials, ec.seed)
+    disc[name], disc_scores[name] = discrimination(judge_model, judge_tok, trials, ec.discrimination,
+                                                   batch_size=ec.batch_size, max_len=ec.judge_max_len,
+                                                   loss_chunk=c.loss_chunk)
+
+  emb_var, emb_sim = {}, {}
+  if embedder is not None:
+    used = {it.cls for it in m.items}
+    real_emb = {cls: embedder(texts) for cls, texts in m.real_test.items() if cls in used}
+    for name, gens in m.generations.items():
+      emb = embedder(gens)
+      by = collections.defaultdict(list)
+      for it, e in zip(m.items, emb):
+        by[it.cls].append(e)
+      multi = [np.stack(v) for v in by.values() if len(v) >= 2]
+      emb_var[name] = float(np.mean([embedding_variance(v) for v in multi])) if multi else embedding_variance(emb)
+      emb_sim[name] = float(np.mean([embedding_similarity(np.stack(v), real_emb[cls]) for cls, v in by.items()]))
 
   rep = {
-      "test_loss": test_loss, "generation_loss": generation_loss, "discrimination": disc,
-      "loss_improvement": {m: v["mean"] for m, v in improvement.items()}, "params": params,
+      "test_loss": m.test_loss, "generation_loss": generation_loss, "discrimination": disc,
+      "loss_improvement": {k: v["mean"] for k, v in m.improvement.items()}, "params": m.params,
       "embedding_variance": emb_var, "embedding_similarity": emb_sim,
-      "loss_improvement_stats": improvement,
-      "bias_sweep": {str(s): {"test_loss": test_loss.get(sweep_name(s)),
+      "loss_improvement_stats": m.improvement,
+      "bias_sweep": {str(s): {"test_loss": m.test_loss.get(sweep_name(s)),
                               "generation_loss": generation_loss.get(sweep_name(s))}
-                     for s in scales if "persona_mux" in methods},
-      "setup": {"trunk": trunk_name or config["model_dir"], "classes": len(split.finetune), "test_examples": len(test_ex),
-                "test_tokens": int(sum(b["loss_mask"].sum() for b in test_batches)),
-                "generation_classes": len({it.cls for it in items}), "generations_per_method": len(items),
-                "discrimination_mode": ec["discrimination"], "discrimination_trials": n_trials,
-                "judge": judge_name or ("the trunk itself" if judge is None else "judge"),
-                "embedding_model": None if embedder is None else getattr(embedder, "name", "sentence embeddings"),
-                "truncated": dict(counts)},
+                     for s in ec.scale_list if "persona_mux" in m.test_loss},
+      "setup": {**m.setup, "discrimination_trials": len(trials) if m.generations else 0, "judge": judge_name,
+                "embedding_model": None if embedder is None else getattr(embedder, "name", "sentence embeddings")},
       "samples": [{"class": it.cls, "context": it.context, "real": it.real,
-                   "generations": {n: g[i] for n, g in generations.items()}} for i, it in enumerate(items)],
-      "showcase": {"context": showcase[0].context if showcase else None,
-                   "personas": [{"class": it.cls, "real": it.real, "real_context": real_ctx[it.cls],
-                                 "replies": {n: g[i] for n, g in shown.items()}} for i, it in enumerate(showcase)]},
+                   "generations": {n: g[i] for n, g in m.generations.items()}} for i, it in enumerate(m.items)],
+      "showcase": {"context": m.showcase[0].context if m.showcase else None,
+                   "personas": [{"class": it.cls, "real": it.real, "real_context": m.real_ctx[it.cls],
+                                 "replies": {n: g[i] for n, g in m.shown.items()}}
+                                for i, it in enumerate(m.showcase)]},
   }
   if jax.process_index() == 0:  # every process computed the same report; one writes it
-    report_lib.write(workdir, rep, mixtures=_mixtures(tuned, workdir, trunk.config.d_model, stages))
+    report_lib.write(workdir, rep, mixtures=m.mixtures)
   return rep
 
 
-def _mixtures(tuned, workdir, d_model, stages) -> dict[str, tuple[np.ndarray, list[str]]]:
-  """Stage-1 and stage-2 mixture tables for the 2-D map."""
-  out = {}
-  try:
-    pre, meta = stages.load_prompt(workdir, "pretrain", d_model)
-    out["stage 1"] = (np.asarray(pre.mixtures[...]), meta["classes"])
-  except FileNotFoundError:
-    pass
-  if "persona_mux" in tuned:
-    out["stage 2"] = (np.asarray(tuned["persona_mux"]["prompt"].mixtures[...]), tuned["persona_mux"]["classes"])
-  return out
+def evaluate_run(config, workdir: str, trunk, tokenizer, records=None, *, judge=None, judge_name=None,
+                 embedder=None, progress: bool = True, log: Callable[[str], None] = print,
+                 trunk_name: str | None = None) -> dict[str, Any]:
+  """Evaluates every method of a trained workdir and writes the report (`measure`, then `finish`).
+
+  Args:
+    config: the run's config (with `eval` and `lora` sections; see configs/base.py).
+    judge: `(model, tokenizer)` of the judge LM; default: the trunk itself.
+    judge_name: how the report names the judge (e.g. its path).
+    trunk_name: how the report names the trunk (default: the config's `model_dir`).
+    embedder: `texts -> [N, D]` unit-norm embeddings, or None to skip the embedding metrics.
+
+  Returns the report dict (also written as `report.json`).
+  """
+  measured = measure(config, workdir, trunk, tokenizer, records, progress=progress, log=log, trunk_name=trunk_name)
+  return finish(config, workdir, measured, judge if judge is not None else (trunk, tokenizer),
+                judge_name=judge_name or ("the trunk itself" if judge is None else "judge"), embedder=embedder)

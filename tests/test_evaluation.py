@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +39,9 @@ def unigram_judge(tmp_path_factory):
                           tie_embeddings=False, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
                           pad_token_id=0)
   model = Trunk(cfg, rngs=nnx.Rngs(0))
-  layer = model.layers[0]
-  layer.attn.o_proj[...] = jnp.zeros_like(layer.attn.o_proj[...])  # the residual stream stays the embedding
-  layer.mlp.down_proj[...] = jnp.zeros_like(layer.mlp.down_proj[...])
+  layer = model.groups[0].layers[0]  # the one layer (weights stacked [1, ...])
+  layer.attn.o_proj.weight[...] = jnp.zeros_like(layer.attn.o_proj.weight[...])  # the residual stream stays the embedding
+  layer.mlp.down_proj.weight[...] = jnp.zeros_like(layer.mlp.down_proj.weight[...])
   model.embed_tokens[...] = jnp.eye(v, d)  # the final norm makes token i's state sqrt(d) e_i
   head = np.zeros((v, d), np.float32)
   head[vocab["red"]] = 1.0  # logit sqrt(d) for "red" after any token, 0 for the rest
@@ -145,7 +146,8 @@ def test_make_trials_same_options_for_every_method():
 
 
 def test_evaluate_launch_end_to_end(setup, unigram_judge):  # noqa: F811
-  """pretrain, then launch/evaluate.py trains stage 2 + LoRA and writes the report."""
+  """pretrain, then launch/evaluate.py trains stage 2 + LoRA, measures with the trunk, frees it, loads the
+  judge and writes the report."""
   tmp, model_dir, data, _ = setup
   workdir = str(tmp / "eval_run")
   run("pretrain.py", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", f"--config.model_dir={model_dir}",
@@ -153,6 +155,10 @@ def test_evaluate_launch_end_to_end(setup, unigram_judge):  # noqa: F811
   out = run("evaluate.py", f"--workdir={workdir}", f"--judge_model={unigram_judge[0]}",
             "--generation_classes=2", "--prompts_per_class=2", "--max_new_tokens=4")
   rep = json.load(open(os.path.join(workdir, "report.json")))
+  # The trunk's arrays were deleted before the judge loaded: what is left is far less than the trunk.
+  line = next(l for l in out.stdout.splitlines() if l.startswith("[eval] freed the trunk"))
+  freed, live = (int(x.replace(",", "")) for x in re.findall(r"([\d,]+) bytes", line))
+  assert freed >= 300 * 32 * 4 and live < freed / 4, line
   methods = ["base", "icl", "lora", "soft_prompt", "random_codebook", "persona_mux", "persona_mux_half_bias",
              "persona_mux_no_bias"]
   for key in ("test_loss", "generation_loss", "discrimination", "params", "embedding_variance",

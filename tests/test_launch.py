@@ -50,6 +50,10 @@ def test_pretrain_finetune_generate(setup):
             f"--config.data.path={data}", "--config.data.finetune_fraction=0.25"]
   out = run("pretrain.py", *common)
   assert "trainable parameters" in out.stdout
+  # Rerun with another learning rate: refused before anything loads, naming the field.
+  changed = run("pretrain.py", *common, "--config.pretrain.learning_rate=0.5", check=False)
+  assert changed.returncode != 0 and "pretrain.learning_rate: 0.01 -> 0.5" in changed.stderr
+  assert "--allow_config_change" in changed.stderr
   split = json.load(open(os.path.join(workdir, "split.json")))
   assert split["pretrain"] and split["finetune"] and not set(split["pretrain"]) & set(split["finetune"])
   run("finetune.py", f"--workdir={workdir}")
