@@ -250,6 +250,8 @@ def evaluate(trunk, prompt, batches: Sequence[dict[str, np.ndarray]], bias_scale
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+  """Adam with clipping and a schedule; a config section gives one with `run_config.Pretrain.optim()`."""
+
   learning_rate: float = 1e-3
   schedule: str = "constant"  # constant | cosine | linear
   warmup_steps: int = 0
@@ -260,11 +262,6 @@ class OptimConfig:
   # Multiplies the step of the per-class mixtures m (Persona-Mux, stage 1):
   # each m_i sees only its class's rows, so it gets few, noisy updates.
   mixture_lr_scale: float = 1.0
-
-  @classmethod
-  def from_config(cls, cfg) -> "OptimConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
 
 
 def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
