@@ -9,7 +9,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Trunk dtype, e.g. bfloat16 on accelerators; "" = the checkpoint's own (float32 for GGUF).
   # Prompt parameters are always float32.
   c.dtype = ""
-  c.remat = False  # rematerialize decoder layers in the backward pass (saves activation memory)
+  # Rematerialization of the decoder layers in the backward pass (activation memory for compute): a
+  # policy name, "none", "full" (recompute each layer; True) or "save_qkv_mlp" (keep the projections'
+  # outputs, recompute the rest), or a bool (modeling.REMAT_POLICIES).
+  c.remat = False
   c.seed = 0
   c.mesh = ""  # e.g. "data:2,fsdp:2,tensor:2"; empty: every device on `data`
   # Target tokens whose logits are computed at once (the loss never holds [batch, seq, vocab]
