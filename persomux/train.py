@@ -154,7 +154,7 @@ def _grads(trunk, prompt, wrt, batch, loss_chunk: int, mean: bool):
   return s, n, grads
 
 
-@nnx.jit(static_argnames="loss_chunk")
+@nnx.jit(static_argnames="loss_chunk", graph_updates=False)
 def train_step(trunk, prompt, opt, batch, loss_chunk: int = LOSS_CHUNK):
   """One optimizer step on the parameters `opt` was built for, from one batch; returns (loss, grad norm).
 
@@ -170,14 +170,14 @@ def adapter_step(trunk, opt, batch, loss_chunk: int = LOSS_CHUNK):
   return train_step(trunk, None, opt, batch, loss_chunk=loss_chunk)
 
 
-@nnx.jit(static_argnames="loss_chunk", donate_argnames="acc")
+@nnx.jit(static_argnames="loss_chunk", donate_argnames="acc", graph_updates=False)
 def accumulate_step(trunk, prompt, opt, batch, acc, loss_chunk: int = LOSS_CHUNK):
   """Adds one micro-batch's `(nll sum, target tokens, gradient of the nll sum)` to `acc`."""
   s, n, grads = _grads(trunk, prompt, opt.wrt, batch, loss_chunk, mean=False)
   return jax.tree.map(jnp.add, acc, {"nll": s, "tokens": n, "grads": grads})
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)
 def apply_step(owner, opt, acc):
   """The optimizer step of an accumulated update: the gradient of the mean over all of its
   target tokens (not a mean of micro-batch means); returns (loss, grad norm)."""
@@ -203,7 +203,7 @@ def _replicated_like(module):
   return x.sharding
 
 
-@nnx.jit(static_argnames="loss_chunk")
+@nnx.jit(static_argnames="loss_chunk", graph_updates=False)
 def row_losses(trunk, prompt, batch, bias_scale, loss_chunk: int = LOSS_CHUNK):
   """Per-row `(nll sum, target tokens)` `[batch]`."""
   nll, weight = target_nll(trunk, prompt, batch, bias_scale, loss_chunk)

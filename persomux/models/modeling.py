@@ -367,24 +367,32 @@ class LayerGroup(nnx.Module):
     """
     splits = [nnx.split(layer) for layer in self.layers]
     policy = REMAT_POLICIES[remat]
+    stacked = [state for _, state in splits]
 
     def position(j):
       graphdef = splits[j][0]
-      f = lambda state, c, x: fn(j, nnx.merge(graphdef, state), c, x)
+
+      def f(i, c, x):
+        # The repetition's weights are sliced here, inside the rematerialized call: as a
+        # scanned input they would be its residuals, and the forward pass would stack a
+        # copy of every layer's weights for the backward one.
+        state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked[j])
+        return fn(j, nnx.merge(graphdef, state), c, x)
+
       return f if remat == "none" else jax.checkpoint(f, policy=policy, prevent_cse=False)
 
     steps = [position(j) for j in range(len(splits))]
 
     def body(c, inputs):
-      states, x = inputs
+      i, x = inputs
       ys = []
       for j, step in enumerate(steps):
-        c, y = step(states[j], c, x[j])
+        c, y = step(i, c, x[j])
         ys.append(y)
       return c, ys
 
     xs = [None] * len(splits) if xs is None else list(xs)
-    return jax.lax.scan(body, carry, ([s for _, s in splits], xs))
+    return jax.lax.scan(body, carry, (jnp.arange(self.reps), xs))
 
 
 def _auto_axes(method):
