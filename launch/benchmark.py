@@ -32,13 +32,11 @@ if _ROOT not in sys.path:  # python launch/benchmark.py from a checkout: persomu
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+SCALE_CASES = ("llama3_8b_stage1", "gemma2_27b_stage1_fsdp8", "llama3_8b_stage2_full", "llama3_8b_decode_tp8")
 flags.DEFINE_enum("suite", "train", ["train", "lora", "generate", "scale", "serve"], "Which benchmark to run.")
 flags.DEFINE_integer("clients", 32, "serve suite: concurrent clients, each with its own persona.")
 flags.DEFINE_integer("serve_tokens", 64, "serve suite: tokens each client asks for.")
-flags.DEFINE_list("scale_models", ["llama3_8b", "gemma2_27b"], "scale suite: trunk configs to compile.")
-flags.DEFINE_list("scale_meshes", ["fsdp:8", "data:2,fsdp:4", "fsdp:32", "data:4,fsdp:4,tensor:2"],
-                  "scale suite: simulated meshes (8 and 32 devices).")
-flags.DEFINE_integer("scale_seq", 1024, "scale suite: tokens per training row.")
+flags.DEFINE_list("scale_cases", list(SCALE_CASES), "scale suite: which cases to compile.")
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after warmup).")
 flags.DEFINE_integer("warmup", 2, "Untimed warmup steps per side.")
 flags.DEFINE_integer("batch", 8, "Rows per batch.")
@@ -373,9 +371,20 @@ def _free_port() -> int:
 
 
 def scale_suite():
-  """Compiles the stage-1 train step and the decode step of full-size trunks
-  from abstract shapes only (no weights are allocated) on simulated meshes,
-  and prints per-device memory from the compiled executables."""
+  """Compiles full-size steps from abstract shapes only (no weight is allocated)
+  on simulated meshes and prints each one's per-device memory from the compiled
+  executable (arguments + outputs - donated + temporaries):
+
+    (a) Llama-3-8B stage 1 at the paper config: 32 rows x (512 + 20 soft
+        tokens), bfloat16, remat "full", one device;
+    (b) Gemma-2-27B stage 1 on fsdp:8, 4 rows x (512 + 20) per device;
+    (c) Llama-3-8B stage 2, full batch of 1,000 personas x 100 examples, as
+        micro-batches of 32 rows (accumulate and apply steps), one device;
+    (d) Llama-3-8B decode, 64 rows at 4,096 positions of context, tensor:8.
+
+  Every row carries loss on all 512 tokens (the most logits a row can have).
+  The last line gives the four figures in GiB.
+  """
   import functools
 
   import jax
@@ -389,67 +398,108 @@ def scale_suite():
   from persomux.models.config import TrunkConfig
   from persomux.models.modeling import Trunk
 
-  def with_shardings(module, mesh, spec_fn):
+  gib = 2 ** 30
+  seq, micro = 512, 32
+
+  def place(module, mesh, spec_fn):
     for path, var in nnx.to_flat_state(nnx.state(module)):
       v = var.get_value()
       var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
           mesh, spec_fn(path, tuple(v.shape), mesh))))
 
-  gib = 2 ** 30
-  print(f"{'model':<12}{'mesh':<26}{'step':<8}{'args GiB':>9}{'temp GiB':>9}{'total GiB':>10}"
-        f"{'GFLOP/token':>12}  fits 80GB / 16GB")
-  for name in FLAGS.scale_models:
-    cfg = getattr(TrunkConfig, name)()
-    for spec in FLAGS.scale_meshes:
-      n = int(np.prod([int(p.split(":")[1]) for p in spec.split(",")]))
-      mesh = sharding.parse_mesh(spec, devices=jax.devices()[:n])
-      rows = mesh.shape["data"] * mesh.shape["fsdp"]
-      trunk = nnx.eval_shape(lambda: Trunk(cfg, dtype=jnp.bfloat16, rngs=None, remat=True))
-      with_shardings(trunk, mesh, sharding.trunk_spec)
-      pm, opt = nnx.eval_shape(lambda: (lambda p: (p, nnx.Optimizer(
-          p, train.make_tx(train.OptimConfig(), 100), wrt=prompts.PromptParam)))(
-              prompts.PersonaMux(1024, cfg.d_model, rngs=nnx.Rngs(0))))
-      with_shardings(pm, mesh, sharding.prompt_spec)
-      with_shardings(opt, mesh, lambda p, s, m: P())
-      t = FLAGS.scale_seq
-      bs = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
-      batch = {"input_ids": bs((rows, t), jnp.int32), "attention_mask": bs((rows, t), jnp.int32),
-               "loss_mask": bs((rows, t), jnp.float32), "soft_index": bs((rows,), jnp.int32),
-               "class_ids": bs((rows,), jnp.int32)}
-      t0 = time.perf_counter()
-      compiled = train.train_step.lower(trunk, pm, opt, batch).compile()
-      print(f"{name} {spec} train step: lowered and compiled in {time.perf_counter() - t0:.1f} s", flush=True)
-      _report(name, spec, "train", compiled, rows * t / n, gib)
-      graphdef, state = nnx.split(trunk)
-      embeds = bs((rows, 512, cfg.d_model), jnp.bfloat16)
-      mask = bs((rows, 512), jnp.int32)
-      carry = jax.eval_shape(functools.partial(sampling._prefill, graphdef, max_new=512), state, embeds, mask,
-                             jax.random.key(0))
-      carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-          mesh, sharding.cache_spec(x.shape, mesh) if x.ndim == 5  # KV caches [reps, rows, kv, slots, head]
-          else P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
-      compiled = sampling._decode.lower(graphdef, state, carry, jnp.zeros((1,), jnp.int32), jnp.int32(512),
-                                        temperature=0.0, top_k=None, top_p=None).compile()
-      _report(name, spec, "decode", compiled, rows / n, gib)
+  def trunk_on(cfg, mesh):
+    trunk = nnx.eval_shape(lambda: Trunk(cfg, dtype=jnp.bfloat16, rngs=None, remat="full"))
+    place(trunk, mesh, sharding.trunk_spec)
+    return trunk
 
+  def prompt_on(cfg, mesh, classes, wrt):
+    pm, opt = nnx.eval_shape(lambda: (lambda p: (p, nnx.Optimizer(
+        p, train.make_tx(train.OptimConfig(), 100), wrt=wrt)))(
+            prompts.PersonaMux(classes, cfg.d_model, rngs=nnx.Rngs(0))))
+    place(pm, mesh, sharding.prompt_spec)
+    place(opt, mesh, lambda p, s, m: P())
+    return pm, opt
 
-def _report(name, spec, step, compiled, tokens, gib):
-  """`tokens`: tokens per device (cost analysis counts one device's FLOPs)."""
-  mem = compiled.memory_analysis()
-  args, temp = mem.argument_size_in_bytes / gib, mem.temp_size_in_bytes / gib
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  total = args + temp
-  print(f"{name:<12}{spec:<26}{step:<8}{args:>9.2f}{temp:>9.2f}{total:>10.2f}{flops / tokens / 1e9:>12.1f}  "
-        f"{'yes' if total < 80 else 'no':>3} / {'yes' if total < 16 else 'no'}", flush=True)
+  def batch_on(mesh, rows):
+    bs = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+    return {"input_ids": bs((rows, seq), jnp.int32), "attention_mask": bs((rows, seq), jnp.int32),
+            "loss_mask": bs((rows, seq), jnp.float32), "soft_index": bs((rows,), jnp.int32),
+            "class_ids": bs((rows,), jnp.int32), "targets": bs((rows, seq), jnp.int32)}
+
+  def per_device(compiled) -> float:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes) / gib
+
+  def compile_(label, lowered):
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    m = compiled.memory_analysis()
+    print(f"  {label}: compiled in {time.perf_counter() - t0:.1f} s; args {m.argument_size_in_bytes / gib:.2f} "
+          f"GiB, temp {m.temp_size_in_bytes / gib:.2f} GiB, per device {per_device(compiled):.2f} GiB", flush=True)
+    return compiled
+
+  def mesh_of(spec):
+    n = int(np.prod([int(p.split(":")[1]) for p in spec.split(",")]))
+    return sharding.parse_mesh(spec, devices=jax.devices()[:n])
+
+  out = {}
+  wanted = set(FLAGS.scale_cases)
+
+  def stage1(key, cfg, spec, rows_per_device):
+    mesh = mesh_of(spec)
+    rows = rows_per_device * mesh.shape["data"] * mesh.shape["fsdp"]
+    print(f"{key}: stage-1 train step (W, b and m), {rows} rows x ({seq} + 20) tokens on {spec}", flush=True)
+    pm, opt = prompt_on(cfg, mesh, 1024, prompts.PromptParam)
+    compiled = compile_("train_step", train.train_step.lower(trunk_on(cfg, mesh), pm, opt, batch_on(mesh, rows)))
+    out[key] = per_device(compiled)
+
+  if "llama3_8b_stage1" in wanted:
+    stage1("llama3_8b_stage1", TrunkConfig.llama3_8b(), "data:1", 32)
+  if "gemma2_27b_stage1_fsdp8" in wanted:
+    stage1("gemma2_27b_stage1_fsdp8", TrunkConfig.gemma2_27b(), "fsdp:8", 4)
+  if "llama3_8b_stage2_full" in wanted:
+    cfg, mesh = TrunkConfig.llama3_8b(), mesh_of("data:1")
+    personas, examples = 1000, 100
+    print(f"llama3_8b_stage2_full: stage 2 (m only), full batch of {personas} personas x {examples} examples "
+          f"= {personas * examples:,} rows as {personas * examples // micro:,} micro-batches of {micro}", flush=True)
+    trunk = trunk_on(cfg, mesh)
+    pm, opt = prompt_on(cfg, mesh, personas, prompts.Mixtures)
+    acc = jax.eval_shape(lambda: train.empty_accumulator(pm, prompts.Mixtures))
+    acc = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        sharding.auto_mesh(mesh), P())), acc)
+    a = compile_("accumulate_step", train.accumulate_step.lower(trunk, pm, opt, batch_on(mesh, micro), acc))
+    b = compile_("apply_step", train.apply_step.lower(pm, opt, acc))
+    out["llama3_8b_stage2_full"] = max(per_device(a), per_device(b))
+  if "llama3_8b_decode_tp8" in wanted:
+    cfg, mesh = TrunkConfig.llama3_8b(), mesh_of("tensor:8")
+    rows, context, new = 64, 4096, 256
+    print(f"llama3_8b_decode_tp8: decode, {rows} rows at {context} positions ({context - new} prompt + {new} "
+          f"new) on tensor:8", flush=True)
+    graphdef, state = nnx.split(trunk_on(cfg, mesh))
+    bs = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+    carry = jax.eval_shape(functools.partial(sampling._prefill, graphdef, max_new=new), state,
+                           bs((rows, context - new, cfg.d_model), jnp.bfloat16), bs((rows, context - new), jnp.int32),
+                           jax.random.key(0))
+    carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        sharding.auto_mesh(mesh), sharding.cache_spec(x.shape, mesh) if x.ndim == 5  # [reps, rows, kv, slots, hd]
+        else P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
+    compiled = compile_("decode", sampling._decode.lower(graphdef, state, carry, jnp.zeros((1,), jnp.int32),
+                                                         jnp.int32(new), temperature=0.0, top_k=None, top_p=None))
+    out["llama3_8b_decode_tp8"] = per_device(compiled)
+  budget = dict(zip(SCALE_CASES, (40, 14, 40, 16)))
+  for key in SCALE_CASES:
+    if key in out:
+      print(f"{key:<26}{out[key]:8.2f} GiB per device; budget {budget[key]} GiB: "
+            f"{'fits' if out[key] <= budget[key] else 'OVER'}")
+  print("scale GiB per device: " + " ".join(f"{k}={out[k]:.2f}" for k in SCALE_CASES if k in out), flush=True)
 
 
 def main(argv):
   del argv
   if FLAGS.suite == "scale":
     # Simulated devices must be requested before jax starts.
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     scale_suite()
     return
   if FLAGS.suite == "train":
