@@ -114,31 +114,31 @@ def main(argv):
       acc["drift"][n].append(float(np.mean(test_f[:, keep] @ w.p[keep] > 0)))
       acc["logistic"][n].append(pb.logistic_accuracy(train_f, test_f))
       acc["chance"][n].append(0.5)
-      if n == 50 or (n == max(counts) and u not in fitted):
-        fitted[u] = w
+      fitted.setdefault(u, {})[n] = w
 
-  # 4. Steered generation on held-out prompts: Drift and Best-of-N against plain.
-  delta = {"drift": [], "best_of_n": []}
+  # 4. Steered generation on held-out prompts, for each pair count: Drift and
+  #    Best-of-N by the same fitted weights, against plain sampling.
+  delta = {m: {n: [] for n in counts} for m in ("drift", "best_of_n")}
   held = prompts[n_train:][:FLAGS.gen_prompts]
-  for u in list(fitted)[:FLAGS.gen_users]:
-    w = fitted[u]
+  for u in tqdm(list(fitted)[:FLAGS.gen_users], desc="steered generation"):
     rows = [(_user_only(tok, x), 0) for x in held]
     seed = FLAGS.seed * 7919 + u
-    plain = gen(rows, temperature=1.0, top_p=0.9, seed=seed)
-    steered = gen(rows, temperature=1.0, top_p=0.9, seed=seed,
-                  logit_streams=drift.streams(model, tok, [w] * len(held), held, beta=FLAGS.beta))
-    many = gen([r for r in rows for _ in range(FLAGS.best_of)], temperature=1.0, top_p=0.9, seed=seed + 1)
-    keep = w.selected
-    systems = [w.base_prompt] + [w.attributes[w.names[i]] for i in keep]
-    lp_many = drift.logprobs(model, tok, systems, [x for x in held for _ in range(FLAGS.best_of)], many,
-                             batch_size=FLAGS.batch_size)
-    score = w.p[keep] @ (lp_many[1:] - lp_many[:1])
-    best = [many[i * FLAGS.best_of + int(np.argmax(score[i * FLAGS.best_of:(i + 1) * FLAGS.best_of]))]
-            for i in range(len(held))]
     judged = lambda texts: users.utility(u, (np.stack([pb.judge(t) for t in texts]) - mean) / std)
-    base_u = judged(plain)
-    delta["drift"].append(float(np.mean(judged(steered) - base_u)))
-    delta["best_of_n"].append(float(np.mean(judged(best) - base_u)))
+    base_u = judged(gen(rows, temperature=1.0, top_p=0.9, seed=seed))
+    many = gen([r for r in rows for _ in range(FLAGS.best_of)], temperature=1.0, top_p=0.9, seed=seed + 1)
+    used = sorted({int(i) for w in fitted[u].values() for i in w.selected})  # attributes any count keeps
+    lp_many = drift.logprobs(model, tok, [drift.BASE_PROMPT] + [attrs[names[i]] for i in used],
+                             [x for x in held for _ in range(FLAGS.best_of)], many, batch_size=FLAGS.batch_size)
+    gain_many = dict(zip(used, lp_many[1:] - lp_many[:1]))
+    for n, w in fitted[u].items():
+      steered = gen(rows, temperature=1.0, top_p=0.9, seed=seed,
+                    logit_streams=drift.streams(model, tok, [w] * len(held), held, beta=FLAGS.beta))
+      keep = w.selected
+      score = sum(w.p[i] * gain_many[int(i)] for i in keep)
+      best = [many[i * FLAGS.best_of + int(np.argmax(score[i * FLAGS.best_of:(i + 1) * FLAGS.best_of]))]
+              for i in range(len(held))]
+      delta["drift"][n].append(float(np.mean(judged(steered) - base_u)))
+      delta["best_of_n"][n].append(float(np.mean(judged(best) - base_u)))
 
   # Report.
   os.makedirs(FLAGS.out, exist_ok=True)
@@ -146,33 +146,41 @@ def main(argv):
   lines = [f"# Drift on a hidden-mapping preference benchmark ({FLAGS.model})", "",
            f"{FLAGS.users} users, {len(prompts)} prompts x {len(pb.INSTRUCTIONS)} candidates, "
            f"{len(attrs)} attributes, K={FLAGS.k}, seed {FLAGS.seed}.", "",
-           "| training pairs per user | Drift | logistic regression (same W - L features) | chance | users |",
-           "| ---: | ---: | ---: | ---: | ---: |"]
+           f"Accuracy: held-out preference prediction. ΔScore: the judge's utility gain over plain sampling on "
+           f"held-out prompts ({min(len(fitted), FLAGS.gen_users)} users x {len(held)} prompts, standardized "
+           f"principle units), of Drift-steered generation and of Best-of-{FLAGS.best_of} by the same weights.", "",
+           f"| training pairs per user | Drift accuracy | logistic regression (same W - L features) | chance | users "
+           f"| Drift ΔScore | Best-of-{FLAGS.best_of} ΔScore |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for n in counts:
     lines.append(f"| {n} | {mean_of(acc['drift'][n]):.3f} | {mean_of(acc['logistic'][n]):.3f} | 0.500 | "
-                 f"{len(acc['drift'][n])} |")
-  lines += ["", f"Judge's utility gain over plain sampling on held-out prompts ({len(delta['drift'])} users x "
-            f"{len(held)} prompts): Drift {mean_of(delta['drift']):+.3f}, Best-of-{FLAGS.best_of} by the fitted "
-            f"weights {mean_of(delta['best_of_n']):+.3f} (standardized principle units).", "",
-            f"Time: {time.time() - t0:.0f} s."]
+                 f"{len(acc['drift'][n])} | {mean_of(delta['drift'][n]):+.3f} | {mean_of(delta['best_of_n'][n]):+.3f} |")
+  lines += ["", f"Time: {time.time() - t0:.0f} s."]
   report = "\n".join(lines)
   print(report)
   with open(os.path.join(FLAGS.out, "preferences.md"), "w") as f:
     f.write(report + "\n")
   with open(os.path.join(FLAGS.out, "preferences.json"), "w") as f:
-    json.dump({"accuracy": {m: {str(n): v for n, v in a.items()} for m, a in acc.items()}, "delta": delta,
+    json.dump({"accuracy": {m: {str(n): v for n, v in a.items()} for m, a in acc.items()},
+               "delta": {m: {str(n): v for n, v in d.items()} for m, d in delta.items()},
                "model": FLAGS.model, "seed": FLAGS.seed}, f, indent=1)
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.5))
   for m in ("drift", "logistic", "chance"):
     ax.plot(counts, [mean_of(acc[m][n]) for n in counts], marker="o", label=m)
   ax.set_xlabel("training pairs per user")
   ax.set_ylabel("held-out accuracy")
   ax.legend()
+  for m, label in (("drift", "Drift"), ("best_of_n", f"Best-of-{FLAGS.best_of}")):
+    bx.plot(counts, [mean_of(delta[m][n]) for n in counts], marker="o", label=label)
+  bx.axhline(0.0, color="grey", lw=0.8)
+  bx.set_xlabel("training pairs per user")
+  bx.set_ylabel("ΔScore over plain sampling")
+  bx.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(FLAGS.out, "preferences.png"), dpi=120)
 
