@@ -4,7 +4,6 @@ import collections
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -73,10 +72,7 @@ def test_more_personas_extend_the_same_population():
   assert large[:len(small)] == small
 
 
-def test_default_population_is_fast_and_valid(default_corpus):
-  start = time.perf_counter()
-  personas_en.make_corpus(PersonaPopulationConfig())
-  assert time.perf_counter() - start < 2.0
+def test_default_population_is_valid(default_corpus):
   cfg = PersonaPopulationConfig()
   assert len(default_corpus) == 300 * 40
   assert sorted({r["class"] for r in default_corpus}) == [f"persona_{i:04d}" for i in range(300)]
