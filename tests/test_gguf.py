@@ -453,7 +453,7 @@ ACCURATE_MATMULS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 @pytest.mark.slow
-def test_shipped_models_match_transformers_within_1e4():
+def test_shipped_models_match_transformers():
   names = [n for n in ("smollm2-135m-instruct", "gemma3-270m")
            if importlib.util.find_spec(shipped.NAMES[n].package) is not None]
   if not names:
@@ -469,7 +469,13 @@ def test_shipped_models_match_transformers_within_1e4():
     assert r["max_abs_logit"] > 10.0
     PARITY[f"gguf/{name} (eager)"] = r["eager"]
     PARITY[f"gguf/{name} (sdpa)"] = r["sdpa"]
-    # transformers' eager attention is its plain reference math; SDPA's blocked
-    # online softmax rounds differently, so its figure is reported, bounded loosely.
-    assert r["eager"] < 1e-4, f"{name}: max |Δlogit| = {r['eager']} against eager attention"
+    PARITY[f"gguf/{name}: transformers vs float64"] = r["transformers_vs_float64"]
+    PARITY[f"gguf/{name}: persomux vs float64"] = r["float32_vs_float64"]
+    # transformers' eager attention is its plain reference math. Each float32 side rounds up to about
+    # 8e-5 away from the float64 computation (Gemma 3: 18 layers into a 262k vocabulary), so the two
+    # can differ by their sum: the math is the same when transformers' float32 logits are within
+    # 1e-4 of persomux in float64, and persomux rounds no worse than that.
+    assert r["transformers_vs_float64"] < 1e-4, f"{name}: transformers is {r['transformers_vs_float64']} from float64"
+    assert r["float32_vs_float64"] < 1e-4, f"{name}: persomux float32 is {r['float32_vs_float64']} from float64"
+    assert r["eager"] < 2e-4, f"{name}: max |Δlogit| = {r['eager']} against eager attention"
     assert r["sdpa"] < 2e-4, f"{name}: max |Δlogit| = {r['sdpa']} against SDPA"
