@@ -16,7 +16,7 @@ import persomux
 from persomux import evaluation, report
 from persomux.models.config import TrunkConfig
 from persomux.models.modeling import Trunk
-from tests.test_launch import ROOT, run, setup  # noqa: F401  (setup is a fixture)
+from tests.test_launch import QUIET, ROOT, run, setup  # noqa: F401  (setup is a fixture)
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 
@@ -151,7 +151,7 @@ def test_evaluate_launch_end_to_end(setup, unigram_judge):  # noqa: F811
   tmp, model_dir, data, _ = setup
   workdir = str(tmp / "eval_run")
   run("pretrain.py", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", f"--config.model_dir={model_dir}",
-      f"--config.data.path={data}", "--config.data.finetune_fraction=0.25")
+      f"--config.data.path={data}", "--config.data.finetune_fraction=0.25", *QUIET)
   out = run("evaluate.py", f"--workdir={workdir}", f"--judge_model={unigram_judge[0]}",
             "--generation_classes=2", "--prompts_per_class=2", "--max_new_tokens=4")
   rep = json.load(open(os.path.join(workdir, "report.json")))

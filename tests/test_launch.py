@@ -13,6 +13,37 @@ from persomux import synthetic
 from persomux.tokenizer import train_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA:CPU settings for the launches these tests start: without LLVM optimization and the fusion emitters,
+# a tiny trunk's train step compiles in about a tenth of the time (1.3 s, not 18 s) and computes the same
+# losses. The library's own defaults are untouched; only these subprocesses compile this way.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+_CACHE = []
+
+
+def compile_cache() -> str:
+  """This test process's persistent compilation cache, shared by the launches it starts (each one loads
+  the trunk and builds its prompts, so most small programs repeat); removed when the process exits."""
+  if not _CACHE:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE.append(tempfile.mkdtemp(prefix="persomux-xla-cache-"))
+    atexit.register(shutil.rmtree, _CACHE[0], True)
+  return _CACHE[0]
+
+
+# Overrides for every tiny run these tests start: checkpoints and evals at the end of each phase only (the
+# tiny config's every-2/every-4 cadence costs more than the steps; what is checked is the end of a phase).
+QUIET = [f"--config.{stage}.{field}=1000" for stage in ("pretrain", "finetune", "lora")
+         for field in ("checkpoint_every", "eval_every")]
+
+
+def launch_env(xla_flags="", **extra):
+  """The environment of a launch subprocess: one device unless `xla_flags` asks for more."""
+  return dict(os.environ, XLA_FLAGS=f"{FAST_COMPILE} {xla_flags}".strip(), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +64,9 @@ def setup(tmp_path_factory):
 
 
 def run(script, *args, check=True, env_extra=None):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one device unless a test asks for more
-  env.update(env_extra or {})
+  env_extra = dict(env_extra or {})
+  env = launch_env(env_extra.pop("XLA_FLAGS", ""), JAX_COMPILATION_CACHE_DIR=compile_cache(),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_extra)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
                         text=True, env=env, cwd=ROOT, timeout=600)
   if check and proc.returncode != 0:
@@ -47,7 +78,7 @@ def test_pretrain_finetune_generate(setup):
   tmp, model_dir, data, records = setup
   workdir = str(tmp / "run")
   common = [f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", f"--config.model_dir={model_dir}",
-            f"--config.data.path={data}", "--config.data.finetune_fraction=0.25"]
+            f"--config.data.path={data}", "--config.data.finetune_fraction=0.25", *QUIET]
   out = run("pretrain.py", *common)
   assert "trainable parameters" in out.stdout
   # Rerun with another learning rate: refused before anything loads, naming the field.
@@ -71,15 +102,12 @@ def test_pretrain_finetune_generate(setup):
   assert all(r["persona"] == persona and isinstance(r["generation"], str) for r in rows)
   bad = run("generate.py", f"--workdir={workdir}", "--persona=nobody", f"--prompts={prompts}", check=False)
   assert bad.returncode != 0 and "nobody" in bad.stderr
-  # Drift: weights from two pairs steer the same persona's replies (the trunk is its own small LM).
+  # Drift: weights from two pairs (the trunk is its own small LM); they steer an added persona below.
   pairs = tmp / "pairs.jsonl"
   pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in [
       ("Tell me about the harbor.", "The harbor is calm.", "harbor!!"), ("Any plans?", "The market.", "nah")]))
   run("drift.py", "fit", f"--pairs={pairs}", f"--model={model_dir}", f"--out={tmp / 'drift.json'}", "--k=2")
   assert len(json.load(open(tmp / "drift.json"))["weights"]) == 2
-  run("generate.py", f"--workdir={workdir}", f"--persona={persona}", f"--prompts={prompts}", "--max_new_tokens=8",
-      f"--drift={tmp / 'drift.json'}", f"--output={tmp / 'drift_out.jsonl'}")
-  assert len([json.loads(l) for l in open(tmp / "drift_out.jsonl")]) == 2
 
   # Two brand-new personas join the trained codebook; then the bank exports every persona.
   new = [dict(r, **{"class": "newcomer_" + r["class"][-2:]}) for r in
@@ -93,9 +121,11 @@ def test_pretrain_finetune_generate(setup):
   assert json.loads(again.stdout.strip().splitlines()[-1])["resumed"] == "done"
   clash = run("add_personas.py", f"--workdir={workdir}", f"--data={tmp / 'new.jsonl'}", "--job=other", check=False)
   assert clash.returncode != 0 and "'newcomer_00' (job 'new')" in clash.stderr and "--replace" in clash.stderr
-  run("generate.py", f"--workdir={workdir}", "--persona=newcomer_01", f"--prompts={prompts}", "--max_new_tokens=4",
-      f"--output={tmp / 'new_out.jsonl'}")
-  assert all(json.loads(l)["persona"] == "newcomer_01" for l in open(tmp / "new_out.jsonl"))
+  # An added persona answers, steered by the Drift weights (one launch checks both).
+  run("generate.py", f"--workdir={workdir}", "--persona=newcomer_01", f"--prompts={prompts}", "--max_new_tokens=8",
+      f"--drift={tmp / 'drift.json'}", f"--output={tmp / 'new_out.jsonl'}")
+  new_rows = [json.loads(l) for l in open(tmp / "new_out.jsonl")]
+  assert len(new_rows) == 2 and all(r["persona"] == "newcomer_01" for r in new_rows)
   run("export.py", f"--workdir={workdir}", "--format=safetensors", f"--out={tmp / 'bank'}")
   from persomux.bank import PersonaBank
   bank = PersonaBank.read(str(tmp / "bank" / "persona_mux.safetensors"))
@@ -107,7 +137,7 @@ def test_pretrain_on_a_simulated_mesh(setup):
   tmp, model_dir, data, _ = setup
   workdir = tmp / "sharded"
   run("pretrain.py", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}", f"--config.model_dir={model_dir}",
-      f"--config.data.path={data}", "--config.data.finetune_fraction=0.25", "--config.pretrain.epochs=0",
+      f"--config.data.path={data}", "--config.data.finetune_fraction=0.25", "--config.pretrain.epochs=0", *QUIET,
       "--mesh=data:2,fsdp:2,tensor:2", env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert (workdir / "prompt" / "pretrain").is_dir()
 
@@ -128,14 +158,15 @@ def test_two_processes_train_like_one(setup):
 
   tmp, model_dir, data, _ = setup
   common = [f"--config={ROOT}/configs/tiny.py", f"--config.model_dir={model_dir}", f"--config.data.path={data}",
-            "--config.data.finetune_fraction=0.25", "--config.pretrain.epochs=1", "--mesh=data:4"]
+            "--config.data.finetune_fraction=0.25", "--config.data.max_per_class_pretrain=4",  # 7 steps a phase
+            "--config.pretrain.epochs=1", "--mesh=data:4", *QUIET]
   run("pretrain.py", *common, f"--workdir={tmp / 'one'}",
       env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  env = launch_env("--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), *common,
                              f"--workdir={tmp / 'two'}", "--distributed"],
                             env=dict(env, JAX_PROCESS_ID=str(i)), cwd=ROOT, stdout=subprocess.PIPE,
