@@ -47,6 +47,15 @@ def tiny(tmp_path_factory):
   return d, model, tok
 
 
+@pytest.fixture(scope="module")
+def launch_env(tmp_path_factory):
+  """The environment of the module's launch subprocesses: one device, and one persistent
+  compilation cache, so a later launch reuses what an earlier one compiled."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
 def hf_logprob(hf, tok, system, prompt, response) -> float:
   """log π(response | prompt, system) summed over the response tokens, computed directly."""
   text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
@@ -122,17 +131,15 @@ def test_bad_pairs_files_name_the_line(tmp_path):
     drift.load_pairs(str(tmp_path / "empty.jsonl"))
 
 
-def test_fit_and_predict_launches(tiny, tmp_path):
+def test_fit_and_predict_launches(tiny, launch_env, tmp_path):
   d, _, _ = tiny
   pairs = tmp_path / "pairs.jsonl"
   rows = [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, user=u) for u in ("ann", "bo") for p in PAIRS]
   data_lib.write_jsonl(rows, str(pairs))
   attrs = tmp_path / "attrs.json"
   attrs.write_text(json.dumps(ATTRS))
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
   run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "launch", "drift.py"), *a],
-                                  capture_output=True, text=True, env=env, timeout=300)
+                                  capture_output=True, text=True, env=launch_env, timeout=300)
   fit = run("fit", f"--pairs={pairs}", f"--model={d}", f"--out={tmp_path / 'users'}", f"--attributes={attrs}",
             "--k=2")
   assert fit.returncode == 0, fit.stderr[-2000:]
@@ -171,37 +178,81 @@ def _tokens(model, tok, rows, n, **kw):
                                soft_index=np.array([s for _, s in rows]), **kw)
 
 
-def test_drift_with_zero_weights_is_bit_identical(tiny):
+@pytest.fixture(scope="module")
+def persona_mux(tiny):
+  """A Persona-Mux prompt of 3 personas, its mixtures spread apart so that they steer."""
+  import jax
+  from flax import nnx
+
+  from persomux import prompts
+
+  _, model, _ = tiny
+  pm = prompts.PersonaMux(3, model.config.d_model, num_codes=4, code_tokens=2, bias_tokens=2, init_std=0.5,
+                          rngs=nnx.Rngs(1))
+  pm.mixtures[...] = jax.random.normal(jax.random.key(2), pm.mixtures.shape)
+  return pm
+
+
+# The decoding tests share compiled programs where their shapes agree: every row carries
+# soft tokens (one prompt bucket), and single rows have the shapes of the mixed batch's
+# rows alone.
+
+
+def test_drift_with_zero_weights_is_bit_identical(tiny, persona_mux):
+  from persomux import sampling
+
   _, model, tok = tiny
   weights = drift.fit(model, tok, PAIRS, ATTRS, k=3, batch_size=4)
   weights.v = np.zeros_like(weights.v)  # p = 0
-  msgs = ["What is the harbor like?", "Any plans?"]
+  msgs = ["What is the harbor like?"]
   rows = _rows(tok, msgs)
+  soft = sampling.SoftPrompts(persona_mux, [0], [1.0])
   for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=3)):
-    plain = _tokens(model, tok, rows, 12, **kw)
-    steered = _tokens(model, tok, rows, 12, logit_streams=drift.streams(model, tok, [weights, None], msgs), **kw)
+    plain = _tokens(model, tok, rows, 10, soft_prompts=soft, **kw)
+    steered = _tokens(model, tok, rows, 10, soft_prompts=soft, logit_streams=drift.streams(model, tok, [weights], msgs),
+                      **kw)
     np.testing.assert_array_equal(plain, steered)
 
 
-def test_drift_decoding_equals_a_step_by_step_reference(tiny):
+def test_drift_decoding_equals_a_step_by_step_reference(tiny, persona_mux):
+  import jax
   import jax.numpy as jnp
+  from flax import nnx
+
+  from persomux import sampling
 
   _, model, tok = tiny
   weights = drift.fit(model, tok, PAIRS, ATTRS, k=2, batch_size=4)
   msg = "Tell me a story."
   rows = _rows(tok, [msg])
   beta, n = 0.5, 10
-  got = _tokens(model, tok, rows, n, logit_streams=drift.streams(model, tok, [weights], [msg], beta=beta))[0]
-  # Outside the sampler: full forward passes over prompt + generated tokens, every step.
+  got = _tokens(model, tok, rows, n, soft_prompts=sampling.SoftPrompts(persona_mux, [0], [1.0]),
+                logit_streams=drift.streams(model, tok, [weights], [msg], beta=beta))[0]
+  # Outside the sampler: full forward passes over prompt + generated tokens, every step, no
+  # cache; the generator's input is persona 0's soft tokens (b ⊕ Σ m W) then the tokens.
   keep = weights.selected
   systems = [weights.base_prompt] + [weights.attributes[weights.names[i]] for i in keep]
   streams = [drift._prompt_ids(tok, s, msg) for s in systems]
-  last = lambda ids: np.asarray(model(jnp.asarray([ids]))[0, -1], np.float64)
+  soft = np.asarray(jnp.concatenate([persona_mux.bias[...], jnp.einsum("n,nkd->kd", persona_mux.mixtures[0],
+                                                                         persona_mux.codebook[...])]))
+  # Every sequence right-padded to one width, so that one compiled forward serves every
+  # step; causal attention keeps the padding out of the real positions.
+  width = len(soft) + max(len(s) for s in [rows[0][0], *streams]) + n
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(inputs_embeds=x))
+
+  def last(seqs):
+    x = np.zeros((len(seqs), width, model.config.d_model), np.float32)
+    for r, e in enumerate(seqs):
+      x[r, :len(e)] = e
+    logits = np.asarray(forward(state, jnp.asarray(x)), np.float64)
+    return [logits[r, len(e) - 1] for r, e in enumerate(seqs)]
+
+  embed = lambda ids: np.asarray(model.embed(jnp.asarray(ids)[None]))[0]
   gen, moved = list(rows[0][0]), 0.0
   want = []
   for _ in range(n):
-    h = last(gen)
-    hs = [last(s + want) for s in streams]
+    h, *hs = last([np.concatenate([soft, embed(gen)])] + [embed(s + want) for s in streams])
     steer = sum(weights.p[i] * (hs[j + 1] - hs[0]) for j, i in enumerate(keep)) / beta
     moved = max(moved, float(np.abs(steer).max()))
     t = int(np.argmax(h + steer))
@@ -213,27 +264,24 @@ def test_drift_decoding_equals_a_step_by_step_reference(tiny):
   np.testing.assert_array_equal(got[:len(want)], want)
 
 
-def test_mixed_drift_and_persona_batch_equals_rows_alone(tiny):
-  import jax
-  from flax import nnx
-
-  from persomux import prompts, sampling
+def test_mixed_drift_and_persona_batch_equals_rows_alone(tiny, persona_mux):
+  from persomux import sampling
 
   _, model, tok = tiny
   ann = drift.fit(model, tok, PAIRS[:2], ATTRS, k=2, batch_size=4)
   bo = drift.fit(model, tok, PAIRS[2:], ATTRS, k=3, batch_size=4)
-  pm = prompts.PersonaMux(3, model.config.d_model, num_codes=4, code_tokens=2, bias_tokens=2, init_std=0.5,
-                          rngs=nnx.Rngs(1))
-  pm.mixtures[...] = jax.random.normal(jax.random.key(2), pm.mixtures.shape)
   msgs = ["What is the harbor like?", "Any plans?", "How was your day?"]
   users, personas, scales = [ann, None, bo], [0, 1, 2], [1.0, 0.5, 0.0]
   rows = _rows(tok, msgs)
   kw = dict(temperature=0.0)
-  batch = _tokens(model, tok, rows, 10, soft_prompts=sampling.SoftPrompts(pm, personas, scales),
+  batch = _tokens(model, tok, rows, 10, soft_prompts=sampling.SoftPrompts(persona_mux, personas, scales),
                   logit_streams=drift.streams(model, tok, users, msgs), **kw)
   for r in range(3):
-    alone = _tokens(model, tok, rows[r:r + 1], 10, soft_prompts=sampling.SoftPrompts(pm, [personas[r]], [scales[r]]),
-                    logit_streams=drift.streams(model, tok, [users[r]], msgs[r:r + 1]), **kw)
+    # Alone, a row without Drift weights decodes without streams at all.
+    streams = None if users[r] is None else drift.streams(model, tok, [users[r]], msgs[r:r + 1])
+    alone = _tokens(model, tok, rows[r:r + 1], 10,
+                    soft_prompts=sampling.SoftPrompts(persona_mux, [personas[r]], [scales[r]]), logit_streams=streams,
+                    **kw)
     eos = np.flatnonzero(alone[0] == tok.eos_token_id)
     end = int(eos[0]) + 1 if len(eos) else 10
     np.testing.assert_array_equal(batch[r][:end], alone[0][:end])
@@ -272,14 +320,12 @@ def test_users_and_pairs_follow_the_hidden_mapping():
   assert pb.logistic_accuracy(f[:30], f[30:]) >= 0.8
 
 
-def test_preference_benchmark_runs_end_to_end(tiny, tmp_path):
+def test_preference_benchmark_runs_end_to_end(tiny, launch_env, tmp_path):
   d, _, _ = tiny
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "benchmark_preferences.py"),
-                         f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=6", "--pair_counts=2,4",
+                         f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=3", "--pair_counts=2,4",
                          "--gen_users=1", "--gen_prompts=1", "--best_of=2", "--max_new_tokens=6", "--k=3"],
-                        capture_output=True, text=True, env=env, timeout=600)
+                        capture_output=True, text=True, env=launch_env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| 2 |" in proc.stdout and "Best-of-2" in proc.stdout
   report = json.load(open(tmp_path / "preferences.json"))
