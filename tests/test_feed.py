@@ -363,9 +363,10 @@ def _launch(*args) -> subprocess.CompletedProcess:
 
 def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_path):
   """Two readers vote; their export is what Drift (`drift.load_pairs`, `drift.fit`, as
-  `launch/drift.py fit` runs them) and `stages.add_personas` take; with their weights
-  stored, the server writes each of them posts steered by their own weights, equal to
-  persomux's Drift decoding, that no one else sees."""
+  `launch/drift.py fit` runs them, each reader's pairs scored in one batch) and
+  `stages.add_personas` take; with their weights stored, the server writes each of them
+  posts steered by their own weights, equal to persomux's Drift decoding, that no one
+  else sees."""
   import persomux
   from persomux import drift, sampling, stages
   from persomux.bank import PersonaBank
@@ -386,10 +387,6 @@ def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_p
   out = tmp_path / "export"
   r = _launch("launch/feed_export.py", f"--workdir={workdir}", f"--out={out}")
   assert "launch/drift.py fit" in r.stdout and "launch/add_personas.py" in r.stdout
-  report = _launch("launch/feed_report.py", f"--workdir={workdir}", f"--out={tmp_path / 'report.png'}")
-  assert "like rate" in report.stdout and "Persona-Mux" in report.stdout
-  assert json.load(open(tmp_path / "report.json"))["reactions"] == results_total(url)
-  assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   users = drift.by_user(drift.load_pairs(str(out / "pairs.jsonl")))
   assert {"loop_a", "loop_b"} <= set(users)
@@ -397,8 +394,17 @@ def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_p
   weights = {}
   for u in ("loop_a", "loop_b"):
     assert all(p.prompt and p.chosen != p.rejected for p in users[u])
-    weights[u] = drift.fit(trunk, tok, users[u], ATTRIBUTES, k=3, model_name=model_dir, user=u)
+    weights[u] = drift.fit(trunk, tok, users[u], ATTRIBUTES, k=3, model_name=model_dir, user=u, batch_size=256)
     weights[u].save(os.path.join(workdir, "drift", f"{u}.json"))
+  # With their weights stored, each reader's next visit has the server write them their own
+  # steered posts; meanwhile this process does the rest of the loop.
+  for reader in ("loop_a", "loop_b"):
+    httpx.get(f"{url}/feed/posts", params={"reader": reader, "n": 1}, timeout=30)
+
+  report = _launch("launch/feed_report.py", f"--workdir={workdir}", f"--out={tmp_path / 'report.png'}")
+  assert "like rate" in report.stdout and "Persona-Mux" in report.stdout
+  assert json.load(open(tmp_path / "report.json"))["reactions"] == results_total(url)
+  assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # The liked posts become personas named after their readers.
   cfg = stages.load_run(workdir)
@@ -408,12 +414,18 @@ def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_p
   assert set(result["per_persona"]) == {"loop_a", "loop_b"}
   assert PersonaBank.load(workdir)["loop_a"].job == "feed_readers"
 
-  # Each reader's next visit has the server write them their own steered posts.
-  for reader in ("loop_a", "loop_b"):
-    httpx.get(f"{url}/feed/posts", params={"reader": reader, "n": 1}, timeout=30)
+  # What a steered post of loop_a's must be: persomux's Drift decoding of its context with
+  # the context's persona, and not the unsteered one.
+  conn = db(workdir)
+  persona, context = conn.execute("SELECT persona, context FROM posts WHERE method = 'real' ORDER BY id").fetchone()
+  bank = PersonaBank.load(workdir)
+  pre, suf = stages.formatter_for(tok, cfg).prompt_pieces(bank[persona].text, context)
+  row, soft = [(pre + suf, len(pre))], bank.soft_prompts([persona])
+  ref = sampling.generate_rows(trunk, tok, row, max_new_tokens=12, soft_prompts=soft,
+                               logit_streams=drift.streams(trunk, tok, [weights["loop_a"]], [context], beta=0.05))[0]
+
   for reader in ("loop_a", "loop_b"):
     wait_until_written(url, reader)
-  conn = db(workdir)
   steered = conn.execute("SELECT id, reader, persona, context, text FROM posts WHERE method = 'drift'").fetchall()
   contexts = conn.execute("SELECT COUNT(*) FROM posts WHERE method = 'real'").fetchone()[0]
   assert sorted(r[1] for r in steered) == ["loop_a"] * contexts + ["loop_b"] * contexts
@@ -423,13 +435,7 @@ def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_p
   assert "drift" in got.values() and all(owners[i] == "loop_a" for i, m in got.items() if m == "drift")
   other = httpx.get(f"{url}/feed/posts", params={"reader": "no_weights", "n": 2 * total}, timeout=30).json()["posts"]
   assert "drift" not in methods_of(workdir, [p["id"] for p in other]).values()
-  # A steered post is persomux's Drift decoding of its context, and not the unsteered one.
-  bank = PersonaBank.load(workdir)
-  pid, reader, persona, context, text = steered[0]
-  pre, suf = stages.formatter_for(tok, cfg).prompt_pieces(bank[persona].text, context)
-  row, soft = [(pre + suf, len(pre))], bank.soft_prompts([persona])
-  ref = sampling.generate_rows(trunk, tok, row, max_new_tokens=12, soft_prompts=soft,
-                               logit_streams=drift.streams(trunk, tok, [weights[reader]], [context], beta=0.05))[0]
+  text = {(r[1], r[2], r[3]): r[4] for r in steered}[("loop_a", persona, context)]
   # The pool's Persona-Mux post on that context is the same greedy decoding without the pull.
   plain = conn.execute("SELECT text FROM posts WHERE method = 'persona_mux' AND persona = ? AND context = ?",
                        (persona, context)).fetchone()[0]
