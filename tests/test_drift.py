@@ -3,9 +3,6 @@ direct computation with transformers on a tiny model; accumulation; weights
 I/O; pairs-file errors; the `launch/drift.py` fit and predict commands."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +13,8 @@ import persomux
 from persomux import data as data_lib
 from persomux import drift, synthetic
 from persomux.tokenizer import train_bpe_tokenizer
+from tests.test_launch import run as run_launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ATTRS = {"Formal": "You are an AI assistant with a formal tone.", "Humor": "You are a humorous AI assistant.",
@@ -45,15 +42,6 @@ def tiny(tmp_path_factory):
   tok.save_pretrained(d)
   model, tok = persomux.load_model(d)
   return d, model, tok
-
-
-@pytest.fixture(scope="module")
-def launch_env(tmp_path_factory):
-  """The environment of the module's launch subprocesses: one device, and one persistent
-  compilation cache, so a later launch reuses what an earlier one compiled."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def hf_logprob(hf, tok, system, prompt, response) -> float:
@@ -131,15 +119,15 @@ def test_bad_pairs_files_name_the_line(tmp_path):
     drift.load_pairs(str(tmp_path / "empty.jsonl"))
 
 
-def test_fit_and_predict_launches(tiny, launch_env, tmp_path):
+def test_fit_and_predict_launches(tiny, tmp_path):
   d, _, _ = tiny
   pairs = tmp_path / "pairs.jsonl"
   rows = [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, user=u) for u in ("ann", "bo") for p in PAIRS]
   data_lib.write_jsonl(rows, str(pairs))
   attrs = tmp_path / "attrs.json"
   attrs.write_text(json.dumps(ATTRS))
-  run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "launch", "drift.py"), *a],
-                                  capture_output=True, text=True, env=launch_env, timeout=300)
+  # Launched as the launch tests launch theirs (fast XLA:CPU compiles, one compilation cache).
+  run = lambda *a: run_launch("drift.py", *a, check=False)
   fit = run("fit", f"--pairs={pairs}", f"--model={d}", f"--out={tmp_path / 'users'}", f"--attributes={attrs}",
             "--k=2")
   assert fit.returncode == 0, fit.stderr[-2000:]
@@ -320,12 +308,11 @@ def test_users_and_pairs_follow_the_hidden_mapping():
   assert pb.logistic_accuracy(f[:30], f[30:]) >= 0.8
 
 
-def test_preference_benchmark_runs_end_to_end(tiny, launch_env, tmp_path):
+def test_preference_benchmark_runs_end_to_end(tiny, tmp_path):
   d, _, _ = tiny
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "benchmark_preferences.py"),
-                         f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=3", "--pair_counts=2,4",
-                         "--gen_users=1", "--gen_prompts=1", "--best_of=2", "--max_new_tokens=6", "--k=3"],
-                        capture_output=True, text=True, env=launch_env, timeout=600)
+  proc = run_launch("benchmark_preferences.py", f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=3",
+                    "--pair_counts=2,4", "--gen_users=1", "--gen_prompts=1", "--best_of=2", "--max_new_tokens=6",
+                    "--k=3", check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| 2 |" in proc.stdout and "Best-of-2" in proc.stdout
   report = json.load(open(tmp_path / "preferences.json"))

@@ -19,8 +19,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -28,7 +26,9 @@ import httpx
 import pytest
 
 from persomux import data as data_lib
-from tests.test_serve import ROOT, Server, make_run
+from tests.test_launch import FAST_COMPILE, compile_cache
+from tests.test_launch import run as run_launch
+from tests.test_serve import Server, make_run
 
 METHOD_WORDS = ("real", "base", "soft_prompt", "random_codebook", "persona_mux", "drift", "persona")
 
@@ -53,8 +53,11 @@ def wait_until_written(url: str, reader: str | None = None, timeout: float = 180
 
 
 def feed_server(workdir, *flags) -> Server:
+  # Compiled as the launch tests compile their launches (fast XLA:CPU settings, their cache).
+  env = {"XLA_FLAGS": FAST_COMPILE, "JAX_COMPILATION_CACHE_DIR": compile_cache(),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   s = Server(workdir, "--slots=4", "--max_context=256", "--feed_contexts=6", "--feed_max_tokens=12",
-             "--feed_in_flight=4", *flags, feed=True)
+             "--feed_in_flight=4", *flags, feed=True, env=env)
   try:
     wait_until_written(s.url)
   except BaseException:
@@ -354,13 +357,6 @@ ATTRIBUTES = {"Formal": "You are an AI assistant with a formal tone.", "Humor": 
               "Concise": "You are an AI assistant with a concise response rather than verbosity."}
 
 
-def _launch(*args) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-3000:])
-  return r
-
-
 def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_path):
   """Two readers vote; their export is what Drift (`drift.load_pairs`, `drift.fit`, as
   `launch/drift.py fit` runs them, each reader's pairs scored in one batch) and
@@ -385,7 +381,7 @@ def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_p
         assert httpx.post(f"{url}/feed/react", json={"reader": reader, "post_id": pid,
                                                     "reaction": reaction}).status_code == 200
   out = tmp_path / "export"
-  r = _launch("launch/feed_export.py", f"--workdir={workdir}", f"--out={out}")
+  r = run_launch("feed_export.py", f"--workdir={workdir}", f"--out={out}")
   assert "launch/drift.py fit" in r.stdout and "launch/add_personas.py" in r.stdout
 
   users = drift.by_user(drift.load_pairs(str(out / "pairs.jsonl")))
@@ -401,7 +397,7 @@ def test_export_to_drift_and_personas_then_steered_posts(server, feed_run, tmp_p
   for reader in ("loop_a", "loop_b"):
     httpx.get(f"{url}/feed/posts", params={"reader": reader, "n": 1}, timeout=30)
 
-  report = _launch("launch/feed_report.py", f"--workdir={workdir}", f"--out={tmp_path / 'report.png'}")
+  report = run_launch("feed_report.py", f"--workdir={workdir}", f"--out={tmp_path / 'report.png'}")
   assert "like rate" in report.stdout and "Persona-Mux" in report.stdout
   assert json.load(open(tmp_path / "report.json"))["reactions"] == results_total(url)
   assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

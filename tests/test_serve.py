@@ -105,8 +105,7 @@ class Server:
     flags = flags + (() if feed else ("--nofeed",))
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    env = {**os.environ, **(env or {})}
-    env.pop("XLA_FLAGS", None)
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}  # one device unless `env` asks
     fd, self.log_path = tempfile.mkstemp(prefix="serve-", suffix=".log")
     os.close(fd)
     self.log = open(self.log_path, "a")  # O_APPEND: reading it never moves where the server writes
