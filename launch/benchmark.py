@@ -449,7 +449,8 @@ def scale_suite():
       devices = topologies.get_topology_desc(platform="tpu", topology_name=FLAGS.scale_topology).devices
     except Exception as e:  # noqa: BLE001 -- jax raises several kinds here
       raise SystemExit(f"--scale_topology={FLAGS.scale_topology}: no TPU compiler for it ({e}); the deviceless "
-                       "compile needs libtpu (pip install 'jax[tpu]'), no TPU") from e
+                       "compile needs libtpu, no TPU: pip install --target .libtpu 'libtpu==0.0.42.*', "
+                       "then PYTHONPATH=.libtpu (README, \"Which meshes fit\")") from e
     print(f"compiling for {FLAGS.scale_topology}, deviceless: {len(devices)} x {devices[0].device_kind}", flush=True)
   else:
     print(f"compiling for {len(devices)} simulated {devices[0].platform} devices", flush=True)
