@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from persomux import data as data_lib
-from tests.test_launch import FAST_COMPILE, compile_cache
+from tests.test_launch import cached_env
 from tests.test_launch import run as run_launch
 from tests.test_serve import Server, make_run
 
@@ -54,10 +54,8 @@ def wait_until_written(url: str, reader: str | None = None, timeout: float = 180
 
 def feed_server(workdir, *flags) -> Server:
   # Compiled as the launch tests compile their launches (fast XLA:CPU settings, their cache).
-  env = {"XLA_FLAGS": FAST_COMPILE, "JAX_COMPILATION_CACHE_DIR": compile_cache(),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   s = Server(workdir, "--slots=4", "--max_context=256", "--feed_contexts=6", "--feed_max_tokens=12",
-             "--feed_in_flight=4", *flags, feed=True, env=env)
+             "--feed_in_flight=4", *flags, feed=True, env=cached_env())
   try:
     wait_until_written(s.url)
   except BaseException:

@@ -63,10 +63,15 @@ def setup(tmp_path_factory):
   return tmp, str(model_dir), str(data), records
 
 
+def cached_env(xla_flags="", **extra):
+  """`launch_env` with this test process's compilation cache, every program kept in it."""
+  return launch_env(xla_flags, JAX_COMPILATION_CACHE_DIR=compile_cache(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    **extra)
+
+
 def run(script, *args, check=True, env_extra=None):
   env_extra = dict(env_extra or {})
-  env = launch_env(env_extra.pop("XLA_FLAGS", ""), JAX_COMPILATION_CACHE_DIR=compile_cache(),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_extra)
+  env = cached_env(env_extra.pop("XLA_FLAGS", ""), **env_extra)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
                         text=True, env=env, cwd=ROOT, timeout=600)
   if check and proc.returncode != 0:
