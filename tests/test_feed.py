@@ -26,7 +26,6 @@ import httpx
 import pytest
 
 from persomux import data as data_lib
-from tests.test_launch import cached_env
 from tests.test_launch import run as run_launch
 from tests.test_serve import Server, make_run
 
@@ -55,7 +54,7 @@ def wait_until_written(url: str, reader: str | None = None, timeout: float = 180
 def feed_server(workdir, *flags) -> Server:
   # Compiled as the launch tests compile their launches (fast XLA:CPU settings, their cache).
   s = Server(workdir, "--slots=4", "--max_context=256", "--feed_contexts=6", "--feed_max_tokens=12",
-             "--feed_in_flight=4", *flags, feed=True, env=cached_env())
+             "--feed_in_flight=4", *flags, feed=True)
   try:
     wait_until_written(s.url)
   except BaseException:

@@ -16,6 +16,7 @@ from persomux import data as data_lib
 from persomux import drift
 from persomux.feed import export, results
 from persomux.feed.store import REAL, SCHEMA_VERSION, Store, StoreError, UnknownPost, group_odds
+from tests.test_launch import cached_env
 
 GEN = ("base", "soft_prompt", "persona_mux")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,8 +256,8 @@ def test_export_writes_pairs_and_records_that_drift_and_add_personas_read(tmp_pa
 
 
 def _launch(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=cached_env(), capture_output=True, text=True,
+                        timeout=120)
 
 
 def test_report_and_export_launches(tmp_path):

@@ -31,6 +31,7 @@ from persomux.models.config import HF_DEFAULTS, TrunkConfig
 from persomux.models.params import CheckpointError
 from persomux.tokenizer import train_bpe_tokenizer
 from tests.conftest import PARITY
+from tests.test_launch import cached_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -349,9 +350,8 @@ def test_convert_launch_writes_a_transformers_directory(tmp_path):
   src = tiny_llama(3, vocab_size=len(tok))
   path = write_gguf(src, str(tmp_path / "t.gguf"), Q8_0, tokenizer=tok, chat_template=tok.chat_template)
   out = str(tmp_path / "hf")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "convert.py"), f"--gguf={path}",
-                         f"--out={out}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                         f"--out={out}"], capture_output=True, text=True, env=cached_env(), cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "wrote llama (2 layers" in proc.stdout
   ids = np.random.RandomState(0).randint(3, len(tok), (2, SEQ))
@@ -458,7 +458,7 @@ def test_shipped_models_match_transformers():
            if importlib.util.find_spec(shipped.NAMES[n].package) is not None]
   if not names:
     pytest.skip("needs the shipped model packages (the `models` extra)")
-  env = dict(os.environ, XLA_FLAGS=ACCURATE_MATMULS, JAX_PLATFORMS="cpu")
+  env = cached_env(ACCURATE_MATMULS, JAX_PLATFORMS="cpu")
   run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "shipped_parity.py"), *names],
                        env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -11,28 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from persomux import synthetic
 from persomux.tokenizer import train_bpe_tokenizer
+from tests.conftest import CACHE_ENV, FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA:CPU settings for the launches these tests start: without LLVM optimization and the fusion emitters,
-# a tiny trunk's train step compiles in about a tenth of the time (1.3 s, not 18 s) and computes the same
-# losses. The library's own defaults are untouched; only these subprocesses compile this way.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-
-
-_CACHE = []
-
-
-def compile_cache() -> str:
-  """This test process's persistent compilation cache, shared by the launches it starts (each one loads
-  the trunk and builds its prompts, so most small programs repeat); removed when the process exits."""
-  if not _CACHE:
-    import atexit
-    import shutil
-    import tempfile
-
-    _CACHE.append(tempfile.mkdtemp(prefix="persomux-xla-cache-"))
-    atexit.register(shutil.rmtree, _CACHE[0], True)
-  return _CACHE[0]
 
 
 # Overrides for every tiny run these tests start: checkpoints and evals at the end of each phase only (the
@@ -64,9 +45,9 @@ def setup(tmp_path_factory):
 
 
 def cached_env(xla_flags="", **extra):
-  """`launch_env` with this test process's compilation cache, every program kept in it."""
-  return launch_env(xla_flags, JAX_COMPILATION_CACHE_DIR=compile_cache(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    **extra)
+  """`launch_env` with the session's compilation cache (each launch loads the trunk and builds its prompts,
+  so most small programs repeat)."""
+  return launch_env(xla_flags, **{**CACHE_ENV, **extra})
 
 
 def run(script, *args, check=True, env_extra=None):
@@ -226,3 +207,4 @@ def test_installed_package_runs_from_anywhere(tmp_path):
                "print(flags.FLAGS.config.model_dir)")
   assert out.stdout.strip() == "smollm2-135m-instruct", out.stdout
   assert "--workdir" in python("-m", "launch.pretrain", "--helpshort").stdout
+

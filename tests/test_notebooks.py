@@ -22,6 +22,7 @@ import pytest
 from nbclient import NotebookClient
 
 from persomux.models import shipped
+from tests.conftest import CACHE_ENV, FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
@@ -49,14 +50,6 @@ def kernel_dir(tmp_path_factory):
   spec = json.load(open(prefix / "share" / "jupyter" / "kernels" / "python3" / "kernel.json"))
   assert spec["argv"][0] == sys.executable, spec["argv"]
   return str(prefix / "share" / "jupyter")
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  """A JAX compilation cache shared by the session's tiny-mode kernels. 01 and 03 build the same toy trunk
-  and run the same tiny config, and on a toy the time goes into XLA compiling its programs, not running
-  them: the second notebook loads what the first compiled. Each session starts with an empty cache."""
-  return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def test_every_notebook_has_a_mode():
@@ -103,7 +96,7 @@ def test_notebook_02_checks_stage_2_in_a_cell():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{_name(p)}-{MODES[_name(p)]}")
-def test_notebook_runs(path, tmp_path, monkeypatch, kernel_dir, compile_cache):
+def test_notebook_runs(path, tmp_path, monkeypatch, kernel_dir):
   mode = MODES[_name(path)]
   if mode == "quick" and importlib.util.find_spec(SMOLLM2.package) is None:
     pytest.skip(f"needs `{SMOLLM2.install}`")
@@ -111,14 +104,11 @@ def test_notebook_runs(path, tmp_path, monkeypatch, kernel_dir, compile_cache):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv({"tiny": "PERSOMUX_TINY", "quick": "PERSOMUX_QUICK"}[mode], "1")
   monkeypatch.setenv("JUPYTER_PATH", kernel_dir)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # conftest simulates 8 devices; a notebook gets one
-  if mode == "tiny":
-    # A toy's programs run in microseconds and compiling them is the time: LLVM leaves them unoptimized,
-    # and every one of them goes to the session's cache (jax's defaults skip programs compiled in under 1 s).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", compile_cache)
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  # One device (conftest simulates 8 for the tests themselves), compiled for speed into the session's cache:
+  # 01 and 03 build the same toy trunk and run the same
+  # tiny config, and on a toy the time goes into compiling its programs, not running them.
+  for var, value in {"XLA_FLAGS": FAST_COMPILE, **CACHE_ENV}.items():
+    monkeypatch.setenv(var, value)
   nb = nbformat.read(path, as_version=4)
   # The kernel must be this interpreter, so the notebook imports the persomux under test.
   nb.cells.insert(0, nbformat.v4.new_code_cell(

@@ -27,6 +27,7 @@ from persomux import data, sampling, stages, synthetic
 from persomux.bank import PersonaBank
 from persomux.tokenizer import train_bpe_tokenizer
 from configs import tiny
+from tests.test_launch import cached_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -105,7 +106,7 @@ class Server:
     flags = flags + (() if feed else ("--nofeed",))
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}  # one device unless `env` asks
+    env = {**cached_env(), **(env or {})}  # one device unless `env` asks, compiled into the session's cache
     fd, self.log_path = tempfile.mkstemp(prefix="serve-", suffix=".log")
     os.close(fd)
     self.log = open(self.log_path, "a")  # O_APPEND: reading it never moves where the server writes
