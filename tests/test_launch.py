@@ -208,3 +208,29 @@ def test_installed_package_runs_from_anywhere(tmp_path):
   assert out.stdout.strip() == "smollm2-135m-instruct", out.stdout
   assert "--workdir" in python("-m", "launch.pretrain", "--helpshort").stdout
 
+
+FLOP_COUNT = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from launch import benchmark
+from persomux.models.modeling import Trunk, TrunkConfig
+
+cfg = TrunkConfig.llama(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=64)
+trunk = Trunk(cfg, rngs=nnx.Rngs(0))
+ids = jnp.ones((2, 8), jnp.int32)
+print(benchmark.step_matmul_flops(lambda t, x: (t(x),), (trunk,), ids))
+"""
+
+
+def test_benchmark_counts_the_matmuls_of_every_scanned_layer():
+  """The train suite's "fraction of peak" divides matmul FLOPs counted from the step's jaxpr. XLA's
+  cost analysis counts a scan's body once (about one layer of the scanned trunk); the count must be
+  the hand one: 3 layers x 16 tokens x 2 x (q 32x32 + k, v 32x16 + o 32x32 + gate, up, down 32x64),
+  plus scores and values over 8 x 8 positions for 4 heads of 8 in 2 rows, plus the 32 -> 64 head."""
+  proc = subprocess.run([sys.executable, "-c", FLOP_COUNT], capture_output=True, text=True, cwd=ROOT,
+                        env=launch_env(), timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  layers = 3 * 16 * 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64)
+  attention = 3 * 2 * 2 * 4 * (2 * 8 * 8 * 8)  # layers x (scores, values) x rows x heads x 2 q k head_dim
+  head = 16 * 2 * 32 * 64
+  assert float(proc.stdout.split()[-1]) == layers + attention + head
