@@ -90,7 +90,7 @@ def main(argv):
   attrs = drift.DEFAULT_ATTRIBUTES
   names = list(attrs)
   lp = drift.logprobs(model, tok, [drift.BASE_PROMPT, *attrs.values()], cand_prompt, cands,
-                      batch_size=FLAGS.batch_size)
+                      batch_size=FLAGS.batch_size, progress="attribute log-probabilities")
   gain = lp[1:] - lp[:1]  # [A, N]: log π(y | x, s_i) − log π(y | x, s₀)
 
   # 3. Preference prediction.

@@ -65,7 +65,7 @@ def main(argv):
     model, tok = load_model(FLAGS.model, dtype=FLAGS.dtype or None)
     for user, pairs in users.items():
       w = drift.fit(model, tok, pairs, attributes, k=FLAGS.k, model_name=FLAGS.model, user=user,
-                    batch_size=FLAGS.batch_size)
+                    batch_size=FLAGS.batch_size, progress=f"fit {user or 'pairs'}")
       path = FLAGS.out if len(users) == 1 else _user_file(FLAGS.out, user)
       w.save(path)
       top = ", ".join(f"{n} {p:+.3f}" for n, p in sorted(w.top().items(), key=lambda x: -abs(x[1])))
@@ -87,7 +87,8 @@ def main(argv):
   model, tok = load_model(name, dtype=FLAGS.dtype or None)
   right = total = 0
   for user, pairs in users.items():
-    scores = drift.predict(weights[user], model, tok, pairs, batch_size=FLAGS.batch_size)
+    scores = drift.predict(weights[user], model, tok, pairs, batch_size=FLAGS.batch_size,
+                           progress=f"predict {user or 'pairs'}")
     hits = int((scores > 0).sum())
     right, total = right + hits, total + len(pairs)
     print(f"{user or 'pairs'}: {hits}/{len(pairs)} = {hits / len(pairs):.3f}")

@@ -202,10 +202,11 @@ def _prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
 
 
 def logprobs(model, tokenizer, systems: Sequence[str], prompts: Sequence[str], responses: Sequence[str], *,
-             batch_size: int = 16, max_len: int = 1024) -> np.ndarray:
+             batch_size: int = 16, max_len: int = 1024, progress: str = "") -> np.ndarray:
   """`[S, N]`: log π(response_n | prompt_n, system_s) summed over the response tokens,
   in the tokenizer's chat format (no chat template: "system\n\nprompt\n"). Prompts
-  longer than the budget lose their oldest tokens; responses keep their first."""
+  longer than the budget lose their oldest tokens; responses keep their first.
+  `progress` names a progress bar over the batches."""
   examples = []
   for s in systems:
     for x, y in zip(prompts, responses):
@@ -215,7 +216,8 @@ def logprobs(model, tokenizer, systems: Sequence[str], prompts: Sequence[str], r
       examples.append(data_lib.Example(np.asarray(keep, np.int32), np.zeros(0, np.int32),
                                        np.asarray(yid, np.int32), 0))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  nll, _ = train.score_examples(model, examples, batch_size=batch_size, max_len=max_len, pad_id=pad)
+  nll, _ = train.score_examples(model, examples, batch_size=batch_size, max_len=max_len, pad_id=pad,
+                                progress=progress)
   return -nll.reshape(len(systems), len(prompts))
 
 

@@ -211,13 +211,14 @@ def row_losses(trunk, prompt, batch, bias_scale, loss_chunk: int = LOSS_CHUNK):
 
 
 def score_examples(model, examples: Sequence, *, batch_size: int, max_len: int, pad_id: int = 0,
-                   prompt=None, loss_chunk: int = LOSS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                   prompt=None, loss_chunk: int = LOSS_CHUNK, progress: str = "") -> tuple[np.ndarray, np.ndarray]:
   """Per-example `(nll sum [N], target tokens [N])` of `data.Example`s under `model`
-  (and `prompt`, if given), batched by similar length."""
+  (and `prompt`, if given), batched by similar length; `progress` names a progress bar."""
   sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
   buckets = data_lib.default_buckets(max_len)
   order = np.argsort([len(e) for e in examples], kind="stable")  # similar lengths share a batch
-  for start in range(0, len(order), batch_size):
+  starts = range(0, len(order), batch_size)
+  for start in tqdm(starts, desc=progress, disable=not (progress and _host0()), dynamic_ncols=True):
     idx = order[start:start + batch_size]
     batch = data_lib.collate([examples[i] for i in idx], batch_size, buckets, pad_id)
     s, c = row_losses(model, prompt, batch, np.float32(1.0), loss_chunk=loss_chunk)
