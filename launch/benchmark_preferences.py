@@ -14,7 +14,10 @@ r"""Drift on a preference benchmark with a hidden mapping (offline, seeded).
    ones, with Best-of-8 by the fitted weights as the peer: the judge's
    utility gain (Delta score).
 
-Writes OUT/preferences.md, OUT/preferences.json and OUT/preferences.png.
+Writes OUT/preferences.md, OUT/preferences.json and OUT/preferences.png. The
+candidates and their log-probabilities (most of the time) are kept in
+OUT/pool.json, so a rerun with the same model, prompts and seed (say, other
+pair counts, users or beta) reuses them.
 """
 
 import json
@@ -57,6 +60,29 @@ def _user_only(tok, message):
   return list(tok(message + "\n", add_special_tokens=True)["input_ids"])
 
 
+def _read_pool(path: str, key: dict) -> dict:
+  """The pool stored at `path` if it was made under `key`, else a new one."""
+  try:
+    with open(path) as f:
+      pool = json.load(f)
+  except FileNotFoundError:
+    return {"key": key}
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"{path}: not a readable pool ({e}); delete it to score again") from e
+  if pool.get("key") != key:
+    changed = sorted(k for k in key if pool.get("key", {}).get(k) != key[k])
+    print(f"{path}: made with other settings ({', '.join(changed)}); scoring again")
+    return {"key": key}
+  return pool
+
+
+def _write_pool(path: str, pool: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(pool, f)
+  os.replace(tmp, path)  # a killed run leaves the previous pool whole
+
+
 def main(argv):
   del argv
   import numpy as np
@@ -67,6 +93,7 @@ def main(argv):
   from persomux.models.params import load_model
 
   t0 = time.time()
+  os.makedirs(FLAGS.out, exist_ok=True)
   rng = np.random.default_rng(FLAGS.seed)
   model, tok = load_model(FLAGS.model)
   contexts = [c.text for c in personas_en.CONTEXTS]
@@ -74,23 +101,39 @@ def main(argv):
   n_train = (2 * len(prompts)) // 3
   gen = lambda rows, **kw: sampling.generate_rows(model, tok, rows, max_new_tokens=FLAGS.max_new_tokens, **kw)
 
-  # 1. Candidates: every prompt under every instruction.
-  cands, cand_prompt, groups = [], [], []
-  for j, x in enumerate(tqdm(prompts, desc="candidates")):
-    rows = [(drift._prompt_ids(tok, ins, x), 0) for ins in pb.INSTRUCTIONS]
-    texts = gen(rows, temperature=0.8, top_p=0.95, seed=FLAGS.seed * 1000 + j)
-    groups.append(list(range(len(cands), len(cands) + len(texts))))
-    cands += texts
-    cand_prompt += [x] * len(texts)
-  raw = np.stack([pb.judge(t) for t in cands])
-  mean, std = pb.standardize(raw)
-  z = (raw - mean) / std
-
-  # 2. Every candidate under the base and every attribute prompt, once for all users.
   attrs = drift.DEFAULT_ATTRIBUTES
   names = list(attrs)
-  lp = drift.logprobs(model, tok, [drift.BASE_PROMPT, *attrs.values()], cand_prompt, cands,
-                      batch_size=FLAGS.batch_size, progress="attribute log-probabilities")
+  # The scored pool (steps 1 and 2, most of the time) is kept in OUT/pool.json and reused by a
+  # later run with the same model, prompts, instructions, attributes, seed and reply length.
+  key = {"model": FLAGS.model, "prompts": prompts, "instructions": list(pb.INSTRUCTIONS), "seed": FLAGS.seed,
+         "max_new_tokens": FLAGS.max_new_tokens, "base_prompt": drift.BASE_PROMPT, "attributes": attrs}
+  pool_path = os.path.join(FLAGS.out, "pool.json")
+  pool = _read_pool(pool_path, key)
+
+  # 1. Candidates: every prompt under every instruction.
+  if "candidates" not in pool:
+    cands, cand_prompt, groups = [], [], []
+    for j, x in enumerate(tqdm(prompts, desc="candidates")):
+      rows = [(drift._prompt_ids(tok, ins, x), 0) for ins in pb.INSTRUCTIONS]
+      texts = gen(rows, temperature=0.8, top_p=0.95, seed=FLAGS.seed * 1000 + j)
+      groups.append(list(range(len(cands), len(cands) + len(texts))))
+      cands += texts
+      cand_prompt += [x] * len(texts)
+    pool.update(candidates=cands, candidate_prompts=cand_prompt, groups=groups)
+    _write_pool(pool_path, pool)
+  cands, cand_prompt, groups = pool["candidates"], pool["candidate_prompts"], pool["groups"]
+  raw = np.stack([pb.judge(t) for t in cands])
+  mean, std = pb.standardize(raw)
+  z = pb.zscores(raw, mean, std)
+
+  # 2. Every candidate under the base and every attribute prompt, once for all users.
+  if "logprobs" not in pool:
+    pool["logprobs"] = drift.logprobs(model, tok, [drift.BASE_PROMPT, *attrs.values()], cand_prompt, cands,
+                                      batch_size=FLAGS.batch_size, progress="attribute log-probabilities").tolist()
+    _write_pool(pool_path, pool)
+  else:
+    print(f"reusing the scored pool in {pool_path} ({len(cands)} candidates)")
+  lp = np.asarray(pool["logprobs"])
   gain = lp[1:] - lp[:1]  # [A, N]: log π(y | x, s_i) − log π(y | x, s₀)
 
   # 3. Preference prediction.
@@ -123,7 +166,7 @@ def main(argv):
   for u in tqdm(list(fitted)[:FLAGS.gen_users], desc="steered generation"):
     rows = [(_user_only(tok, x), 0) for x in held]
     seed = FLAGS.seed * 7919 + u
-    judged = lambda texts: users.utility(u, (np.stack([pb.judge(t) for t in texts]) - mean) / std)
+    judged = lambda texts: users.utility(u, pb.zscores(np.stack([pb.judge(t) for t in texts]), mean, std))
     base_u = judged(gen(rows, temperature=1.0, top_p=0.9, seed=seed))
     many = gen([r for r in rows for _ in range(FLAGS.best_of)], temperature=1.0, top_p=0.9, seed=seed + 1)
     used = sorted({int(i) for w in fitted[u].values() for i in w.selected})  # attributes any count keeps
@@ -141,7 +184,6 @@ def main(argv):
       delta["best_of_n"][n].append(float(np.mean(judged(best) - base_u)))
 
   # Report.
-  os.makedirs(FLAGS.out, exist_ok=True)
   mean_of = lambda xs: float(np.mean(xs)) if xs else float("nan")
   lines = [f"# Drift on a hidden-mapping preference benchmark ({FLAGS.model})", "",
            f"{FLAGS.users} users, {len(prompts)} prompts x {len(pb.INSTRUCTIONS)} candidates, "

@@ -414,10 +414,14 @@ def encode(records: Sequence[Record], formatter: PromptFormatter, vocab: ClassVo
   return out
 
 
-def default_buckets(max_len: int, minimum: int = 16) -> tuple[int, ...]:
+def default_buckets(max_len: int, minimum: int = 16, fine: bool = False) -> tuple[int, ...]:
+  """Padded lengths up to `max_len`: powers of two from `minimum`, and with `fine` the midpoints
+  too (16, 24, 32, 48, 64, 96, ...: at most a third of a row is padding, for twice the shapes)."""
   out, b = [], minimum
   while b < max_len:
     out.append(b)
+    if fine and b * 3 // 2 < max_len:
+      out.append(b * 3 // 2)
     b *= 2
   return tuple(out) + (max_len,)
 

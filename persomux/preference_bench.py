@@ -31,6 +31,8 @@ INSTRUCTIONS = (
     "Answer casually and with jokes and exclamations!",
     "Answer warmly and politely, and ask a question back.",
     "Answer plainly.",
+    "Answer in detail with a numbered list of steps.",
+    "Answer in two short, friendly sentences.",
 )
 _FORMAL = ("therefore", "however", "moreover", "regarding", "furthermore", "consequently", "indeed", "certainly",
            "i would", "it is", "do not", "cannot", "recommend", "consider")
@@ -58,8 +60,20 @@ def judge(text: str) -> np.ndarray:
 
 
 def standardize(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """`(mean, std)` of raw scores `[N, P]` over a pool, std floored at 1e-6."""
-  return scores.mean(0), np.maximum(scores.std(0), 1e-6)
+  """`(mean, std)` of raw scores `[N, P]` over a pool. A principle that does not vary in the pool
+  (std below 1e-6, e.g. no candidate has a list) gets an infinite std: its z-score is 0 for every
+  text, since no pair of the pool tells a user's taste for it."""
+  std = scores.std(0)
+  return scores.mean(0), np.where(std < 1e-6, np.inf, std)
+
+
+Z_CLIP = 4.0  # z-scores beyond the pool's +-4 std count as +-4: one outlier text cannot dominate a mean
+
+
+def zscores(scores: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """Standardized principle scores `[N, P]` of raw `scores` against a pool's `(mean, std)`, clipped
+  at +-`Z_CLIP`."""
+  return np.clip((scores - mean) / std, -Z_CLIP, Z_CLIP)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -308,13 +308,30 @@ def test_users_and_pairs_follow_the_hidden_mapping():
   assert pb.logistic_accuracy(f[:30], f[30:]) >= 0.8
 
 
+def test_standardized_scores_ignore_what_the_pool_never_varies_and_clip_outliers():
+  from persomux import preference_bench as pb
+
+  pool = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]])  # no candidate of the pool has the 2nd principle
+  mean, std = pb.standardize(pool)
+  np.testing.assert_allclose(mean, [2.0, 0.0])
+  got = pb.zscores(np.array([[3.0, 5.0], [2.0 + 10 * np.sqrt(2 / 3), 0.0]]), mean, std)
+  np.testing.assert_allclose(got, [[np.sqrt(3 / 2), 0.0], [pb.Z_CLIP, 0.0]])  # (3 - 2) / sqrt(2/3); 10 std -> 4
+
+
 def test_preference_benchmark_runs_end_to_end(tiny, tmp_path):
   d, _, _ = tiny
-  proc = run_launch("benchmark_preferences.py", f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=3",
-                    "--pair_counts=2,4", "--gen_users=1", "--gen_prompts=1", "--best_of=2", "--max_new_tokens=6",
-                    "--k=3", check=False)
+  args = ("benchmark_preferences.py", f"--out={tmp_path}", f"--model={d}", "--users=3", "--prompts=3",
+          "--gen_users=1", "--gen_prompts=1", "--best_of=2", "--max_new_tokens=6", "--k=3")
+  proc = run_launch(*args, "--pair_counts=2,4", check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| 2 |" in proc.stdout and "Best-of-2" in proc.stdout
+  assert "| 2 |" in proc.stdout and "Best-of-2" in proc.stdout and "reusing" not in proc.stdout
   report = json.load(open(tmp_path / "preferences.json"))
   assert set(report["accuracy"]) == {"drift", "logistic", "chance"}
   assert (tmp_path / "preferences.png").is_file() and (tmp_path / "preferences.md").is_file()
+  # Another pair count reuses the scored pool, and the counts both runs share give the same accuracies.
+  again = run_launch(*args, "--pair_counts=2")
+  assert "reusing the scored pool" in again.stdout
+  second = json.load(open(tmp_path / "preferences.json"))
+  assert second["accuracy"]["drift"]["2"] == report["accuracy"]["drift"]["2"]
+  # Other settings score again.
+  assert "scoring again" in run_launch(*args, "--pair_counts=2", "--max_new_tokens=5").stdout
