@@ -76,19 +76,12 @@ def _read_pool(path: str, key: dict) -> dict:
   return pool
 
 
-def _write_pool(path: str, pool: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(pool, f)
-  os.replace(tmp, path)  # a killed run leaves the previous pool whole
-
-
 def main(argv):
   del argv
   import numpy as np
   from tqdm.auto import tqdm
 
-  from persomux import drift, personas_en, sampling
+  from persomux import drift, personas_en, sampling, stages
   from persomux import preference_bench as pb
   from persomux.models.params import load_model
 
@@ -120,7 +113,7 @@ def main(argv):
       cands += texts
       cand_prompt += [x] * len(texts)
     pool.update(candidates=cands, candidate_prompts=cand_prompt, groups=groups)
-    _write_pool(pool_path, pool)
+    stages._write_json(pool_path, pool, indent=None)  # atomic: a killed run keeps the last pool
   cands, cand_prompt, groups = pool["candidates"], pool["candidate_prompts"], pool["groups"]
   raw = np.stack([pb.judge(t) for t in cands])
   mean, std = pb.standardize(raw)
@@ -130,7 +123,7 @@ def main(argv):
   if "logprobs" not in pool:
     pool["logprobs"] = drift.logprobs(model, tok, [drift.BASE_PROMPT, *attrs.values()], cand_prompt, cands,
                                       batch_size=FLAGS.batch_size, progress="attribute log-probabilities").tolist()
-    _write_pool(pool_path, pool)
+    stages._write_json(pool_path, pool, indent=None)  # atomic: a killed run keeps the last pool
   else:
     print(f"reusing the scored pool in {pool_path} ({len(cands)} candidates)")
   lp = np.asarray(pool["logprobs"])
