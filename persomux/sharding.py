@@ -101,7 +101,7 @@ def trunk_spec(path: tuple, shape: tuple, mesh) -> P:
 
 
 def cache_spec(shape: tuple, mesh) -> P:
-  """A KV cache `[reps, batch, kv_heads, slots, head_dim]`: rows over the batch
+  """A KV cache `[reps, batch, kv_heads, ...]` (keys `head_dim, slots`, values `slots, head_dim`): rows over the batch
   axes, kv heads over `tensor`."""
   return _fit((None, BATCH_AXES, "tensor"), shape, mesh)
 
