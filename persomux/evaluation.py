@@ -398,7 +398,7 @@ def measure(config, workdir: str, trunk, tokenizer, records=None, *, progress: b
         budget = c.data.max_len * (ec.icl_shots + 1)
         icl_ex = data_lib.encode(icl_records, fmt, vocab, budget, counts)
         ev = train.evaluate(trunk, None, data_lib.ShuffledBatches(
-            icl_ex, c.pretrain.micro_batch_size or c.pretrain.batch_size, buckets=data_lib.default_buckets(budget),
+            icl_ex, c.pretrain.micro_batch_size or c.pretrain.batch_size, buckets=data_lib.buckets_for(icl_ex, budget),
             shuffle=False).all_batches(), loss_chunk=c.loss_chunk)
       test_loss[name] = float(ev["loss"])
       generations[name] = generate_for(

@@ -132,7 +132,7 @@ def eval_batches(examples, config) -> list[dict]:
   """Test batches of `examples`: `pretrain.micro_batch_size` rows (else `pretrain.batch_size`)."""
   c = run_config.view(config)
   rows = c.pretrain.micro_batch_size or c.pretrain.batch_size
-  buckets = data_lib.default_buckets(c.data.max_len)
+  buckets = data_lib.buckets_for(examples, c.data.max_len)
   return data_lib.ShuffledBatches(examples, rows, buckets=buckets, shuffle=False).all_batches()
 
 
@@ -150,7 +150,7 @@ def train_batches(examples, c: run_config.Run, section: str, tokenizer, mesh) ->
     raise ValueError(f"{section}.{field}={micro or size} must be a multiple of {unit} "
                      "(processes x data x fsdp mesh axes)")
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return data_lib.ShuffledBatches(examples, size, seed=c.seed, buckets=data_lib.default_buckets(c.data.max_len),
+  return data_lib.ShuffledBatches(examples, size, seed=c.seed, buckets=data_lib.buckets_for(examples, c.data.max_len),
                                   pad_id=pad, shard=jax.process_index(), num_shards=jax.process_count(),
                                   micro_batch_size=micro)
 

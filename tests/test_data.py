@@ -212,3 +212,14 @@ def test_micro_batches_split_a_batch_by_length(num_shards):
     assert widths[-1] <= widths[0] and (widths[0] == ref["input_ids"].shape[1])
   with pytest.raises(D.DataError, match="micro-batch size 3 is not divisible by 2 processes"):
     D.ShuffledBatches(exs, 10, micro_batch_size=3, num_shards=2)
+
+
+def test_buckets_stop_at_the_longest_example():
+  """A batch is padded no longer than its longest row needs (rounded up to 8), never past
+  max_len: rows of at most 70 tokens under max_len 96 pad to 72, not 96."""
+  ex = lambda n: D.Example(np.ones(1, np.int32), np.zeros(0, np.int32), np.ones(n - 1, np.int32), 0)
+  assert D.buckets_for([ex(10), ex(50), ex(70)], 96) == (16, 32, 64, 72)
+  assert D.buckets_for([ex(10), ex(64)], 96) == (16, 32, 64)
+  assert D.buckets_for([ex(95)], 96) == (16, 32, 64, 96)
+  src = D.ShuffledBatches([ex(10), ex(50), ex(70)], 3, buckets=D.buckets_for([ex(10), ex(50), ex(70)], 96))
+  assert src.batch(0, 0)["input_ids"].shape == (3, 72)
