@@ -293,13 +293,39 @@ def generate_suite():
     t_long = _median_time(lambda: ours(long_ids, 48), 3, 1)
     per_step[pos] = (t_long - t_short) / 32
   px_tps, hf_tps = rows * new / px_t, rows * new / hf_t
+  floor, weight_bytes = weight_stream_floor(trunk, rows)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
   print(f"model: llama d=512 L={cfg.num_layers} V=32000 fp32; {rows} rows x {plen}-token prompts, "
         f"{new} new tokens, a different persona per row ({pm.num_tokens} soft tokens)")
   print(f"persomux      {px_t * 1e3:8.1f} ms  {px_tps:8.1f} new tokens/s")
   print(f"transformers  {hf_t * 1e3:8.1f} ms  {hf_tps:8.1f} new tokens/s")
   print(f"decode step at position 64: {per_step[64] * 1e3:.2f} ms; at position 448: {per_step[448] * 1e3:.2f} ms")
+  print(f"floor: the step's weight products alone ({rows} rows x {weight_bytes / 2**20:.0f} MiB of weights, "
+        f"no attention) take {floor * 1e3:.2f} ms; the step at position 64 is {per_step[64] / floor:.2f}x that")
   print(f"generate ratio persomux/transformers = {px_tps / hf_tps:.2f}")
+
+
+def weight_stream_floor(trunk, rows: int, steps: int = 16) -> tuple[float, int]:
+  """`(seconds, bytes)`: one pass of `rows` vectors through every matrix of `trunk` (its
+  projections and head; the embedding is a lookup), nothing else. A decode step of a few
+  rows must read every weight once, so on a CPU this is the floor of its time."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  head = "embed_tokens" if trunk.lm_head is None else "lm_head"  # weights [..., out, in]
+  mats = [v.get_value() for path, v in nnx.to_flat_state(nnx.state(trunk, nnx.Param))
+          if path[0] == head or any(str(k).endswith("_proj") for k in path)]
+
+  @jax.jit
+  def passes(mats):
+    def one(i, acc):
+      x = jnp.full((rows, 1), 1.0 + acc * 1e-30, mats[0].dtype)
+      return acc + sum(jnp.sum(jnp.einsum("ri,...oi->...ro", jnp.broadcast_to(x, (rows, w.shape[-1])), w)) for w in mats)
+    return jax.lax.fori_loop(0, steps, one, jnp.zeros((), mats[0].dtype))
+
+  passes(mats).block_until_ready()
+  return _median_time(lambda: passes(mats).block_until_ready(), 3, 0) / steps, sum(w.nbytes for w in mats)
 
 
 def _word_tokenizer(vocab: int):
