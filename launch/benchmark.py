@@ -511,6 +511,9 @@ def scale_suite():
                        "compile needs libtpu, no TPU: pip install --target .libtpu 'libtpu==0.0.42.*', "
                        "then PYTHONPATH=.libtpu (README, \"Which meshes fit\")") from e
     print(f"compiling for {FLAGS.scale_topology}, deviceless: {len(devices)} x {devices[0].device_kind}", flush=True)
+    from persomux import sampling
+
+    sampling.KEYS_TRANSPOSED = False  # the cache layout a TPU host uses (the default follows this CPU host)
   else:
     print(f"compiling for {len(devices)} simulated {devices[0].platform} devices", flush=True)
 

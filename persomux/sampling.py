@@ -11,10 +11,11 @@ padded to buckets so new lengths do not recompile.
 Prefill and decode scan over the trunk's layer groups like training does;
 the KV caches are stacked per group and position in the group's pattern
 and ride in the decode scan's carry, so each step writes its token in place.
-Values are `[reps, batch, kv_heads, slots, head_dim]`; keys are stored
-transposed, `[reps, batch, kv_heads, head_dim, slots]`, so a step's scores
-`q . k` are a plain matrix product over the slots (on CPU, XLA's product
-against untransposed keys ran at a sixth of the speed: `--suite=generate`). A decode step attends over
+Values are `[reps, batch, kv_heads, slots, head_dim]`; on CPU keys are
+stored transposed, `[reps, batch, kv_heads, head_dim, slots]`, so a step's
+scores `q . k` are a plain matrix product over the slots (XLA's CPU product
+against untransposed keys ran at a sixth of the speed), and elsewhere like
+the values (`KEYS_TRANSPOSED`). A decode step attends over
 only the filled part of each cache (the smallest power-of-two span, from
 `MIN_SPAN` slots, that holds every row's positions).
 """
@@ -100,6 +101,16 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 MIN_SPAN = 64  # the fewest cache slots a decode step attends over
+# Whether caches store keys transposed (`[..., head_dim, slots]`); None: on CPU only. On XLA's CPU
+# backend the decode step's score product against keys laid out like values ran at a sixth of
+# the speed; on a TPU compile the transposed keys' per-row slot writes added a copy of the key
+# cache (Llama-3-8B decode, 64 rows x 4,096 on tensor:8: 7.92 GiB per device against 5.91).
+KEYS_TRANSPOSED: bool | None = None
+
+
+def keys_transposed() -> bool:
+  """Whether caches built now store keys transposed (see `KEYS_TRANSPOSED`); read at trace time."""
+  return jax.default_backend() == "cpu" if KEYS_TRANSPOSED is None else KEYS_TRANSPOSED
 
 
 def _cache_len(model, kind: str, total: int) -> int:
@@ -112,14 +123,14 @@ def init_caches(model, batch: int, total: int):
 
   `{"pos": {kind: [batch, slots]}, "layers": [group][position] -> {"k", "v"}}`:
   the position each slot holds (-1: empty) per attention kind, and per layer
-  group and position in its pattern the keys `[reps, batch, kv_heads,
-  head_dim, slots]` (transposed) and values `[reps, batch, kv_heads, slots,
-  head_dim]`.
+  group and position in its pattern the values `[reps, batch, kv_heads, slots,
+  head_dim]` and the keys, laid out like the values or, where
+  `keys_transposed()`, as `[reps, batch, kv_heads, head_dim, slots]`.
   """
   cfg = model.config
   size = {kind: _cache_len(model, kind, total) for kind in set(cfg.layer_types)}
   v = lambda reps, kind: jnp.zeros((reps, batch, cfg.num_kv_heads, size[kind], cfg.head_dim), model.dtype)
-  k = lambda reps, kind: jnp.swapaxes(v(reps, kind), -1, -2)
+  k = (lambda reps, kind: jnp.swapaxes(v(reps, kind), -1, -2)) if keys_transposed() else v
   return {"pos": {kind: jnp.full((batch, n), -1, jnp.int32) for kind, n in size.items()},
           "layers": [[{"k": k(g.reps, kind), "v": v(g.reps, kind)} for kind in g.kinds]
                      for g in cfg.layer_groups]}
@@ -156,14 +167,16 @@ def _attend_cache(attn, q, k_cache, v_cache, rep, cache_pos, q_pos, window):
   stacked caches (see `init_caches`), reading only the
   smallest span of slots that holds every row's filled ones."""
   b, kv, size, h = v_cache.shape[1:]
+  transposed = keys_transposed()
   filled = jnp.minimum(jnp.max(q_pos) + 1, size)  # slots fill from 0, rings wrap once full
 
   def over(span):
     def f(q, k_cache, v_cache, cache_pos):
-      k = jax.lax.dynamic_slice(k_cache, (rep, 0, 0, 0, 0), (1, b, kv, h, span))[0]
+      k = jax.lax.dynamic_slice(k_cache, (rep, 0, 0, 0, 0), (1, b, kv, h, span) if transposed else
+                                (1, b, kv, span, h))[0]
       v = jax.lax.dynamic_slice(v_cache, (rep, 0, 0, 0, 0), (1, b, kv, span, h))[0]
       mask = _cache_mask(cache_pos[:, :span], q_pos[:, None], window)
-      return cache_attention(q, k, v, mask, scale=attn.scale, softcap=attn.softcap)
+      return cache_attention(q, k, v, mask, scale=attn.scale, softcap=attn.softcap, keys_transposed=transposed)
     return f
 
   spans = _spans(size)
@@ -224,7 +237,8 @@ def prefill_caches(model, embeds, mask, total: int, mesh=None):
     h, (k, v) = module(h, cos, sin, masks[kind])
     empty = jnp.zeros((b, cfg.num_kv_heads, size[kind], cfg.head_dim), model.dtype)
     put_v = lambda x: empty.at[rows, :, slot[kind]].set(x.astype(model.dtype), mode="drop")
-    put_k = lambda x: jnp.swapaxes(empty, -1, -2).at[rows, :, :, slot[kind]].set(x.astype(model.dtype), mode="drop")
+    put_k = (lambda x: jnp.swapaxes(empty, -1, -2).at[rows, :, :, slot[kind]].set(
+        x.astype(model.dtype), mode="drop")) if keys_transposed() else put_v
     return h, {"k": put_k(k), "v": put_v(v)}
 
   h = embeds.astype(model.dtype)
@@ -247,6 +261,7 @@ def decode_step(model, caches, tokens, pos):
   x = model.embed(tokens[:, None])
   tables = model.rope_tables(pos[:, None])
   slot = {kind: pos % p.shape[1] for kind, p in caches["pos"].items()}
+  transposed = keys_transposed()
   new_pos = {kind: p.at[rows, slot[kind]].set(pos) for kind, p in caches["pos"].items()}
 
   def layer(j, module, carry, rep):
@@ -257,7 +272,8 @@ def decode_step(model, caches, tokens, pos):
 
     def attend_fn(q, k, v):
       # Each row's new key and value go to its own slot, in place in the carried cache.
-      kc = kv[j]["k"].at[rep, rows, :, :, slot[kind]].set(k[:, 0].astype(kv[j]["k"].dtype))
+      at = kv[j]["k"].at[rep, rows, :, :, slot[kind]] if transposed else kv[j]["k"].at[rep, rows, :, slot[kind]]
+      kc = at.set(k[:, 0].astype(kv[j]["k"].dtype))
       vc = kv[j]["v"].at[rep, rows, :, slot[kind]].set(v[:, 0].astype(kv[j]["v"].dtype))
       return _attend_cache(module.attn, q, kc, vc, rep, new_pos[kind], pos, window), {"k": kc, "v": vc}
 

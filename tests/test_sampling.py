@@ -55,6 +55,26 @@ def test_greedy_matches_transformers(pair):
   np.testing.assert_array_equal(ours, ref, err_msg=name)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_both_key_layouts_match_transformers(pair, transposed, monkeypatch):
+  """Keys cached like the values (TPU, GPU) or transposed (the CPU default): greedy decoding
+  equals transformers either way, across sliding-window rings (Gemma)."""
+  import jax
+
+  name, hf, model = pair
+  monkeypatch.setattr(sampling, "KEYS_TRANSPOSED", transposed)
+  jax.clear_caches()  # the layout is read when a function is traced
+  try:
+    ids = np.random.RandomState(7).randint(3, VOCAB, (2, 5))
+    ref = _hf_greedy(hf, 12, input_ids=torch.tensor(ids))[:, 5:]
+    caches = sampling.init_caches(model, 2, 32)
+    k, v = caches["layers"][0][0]["k"], caches["layers"][0][0]["v"]
+    assert k.shape == (v.shape[:3] + v.shape[3:][::-1] if transposed else v.shape)
+    np.testing.assert_array_equal(sampling.generate_ids(model, ids, max_new_tokens=12), ref, err_msg=name)
+  finally:
+    jax.clear_caches()
+
+
 def test_soft_prompt_matches_transformers_fed_spliced_embeds(pair):
   name, hf, model = pair
   ids = np.random.RandomState(2).randint(3, VOCAB, (2, 7))

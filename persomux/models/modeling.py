@@ -207,18 +207,20 @@ def einsum_attention(q, k, v, mask, *, scale: float, softcap: float | None):
   return _softmax_values(logits, mask[:, :, None], v, "bkgts,bskh->btkgh", softcap).reshape(b, t, n, h)
 
 
-def cache_attention(q, k_t, v, mask, *, scale: float, softcap: float | None):
+def cache_attention(q, k, v, mask, *, scale: float, softcap: float | None, keys_transposed: bool = True):
   """`einsum_attention` of one new query per row over a KV cache's layout.
 
-  `q` `[batch, 1, heads, head_dim]`; keys transposed, `k_t` `[batch, kv_heads,
-  head_dim, slots]`; values `[batch, kv_heads, slots, head_dim]`; `mask`
-  `[batch, 1, 1, slots]`. With no query axis and the slots last in the keys,
-  both products are plain matrix products (on CPU the decode step's
-  attention runs twice as fast as `einsum_attention` on the same cache).
+  `q` `[batch, 1, heads, head_dim]`; values `[batch, kv_heads, slots,
+  head_dim]`; keys like the values, or with `keys_transposed` `[batch,
+  kv_heads, head_dim, slots]`; `mask` `[batch, 1, 1, slots]`. With no query
+  axis and the slots last in the keys, both products are plain matrix
+  products (on CPU the decode step's attention runs twice as fast as
+  `einsum_attention` on the same cache).
   """
   b, _, n, h = q.shape
   kv = v.shape[1]
-  logits = jnp.einsum("bkgh,bkhs->bkgs", q.reshape(b, kv, n // kv, h), k_t, preferred_element_type=jnp.float32)
+  keys = "bkgh,bkhs->bkgs" if keys_transposed else "bkgh,bksh->bkgs"
+  logits = jnp.einsum(keys, q.reshape(b, kv, n // kv, h), k, preferred_element_type=jnp.float32)
   return _softmax_values(logits * scale, mask, v, "bkgs,bksh->bkgh", softcap).reshape(b, 1, n, h)
 
 
