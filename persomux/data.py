@@ -429,8 +429,8 @@ def default_buckets(max_len: int, minimum: int = 16, fine: bool = False) -> tupl
 def buckets_for(examples: Sequence[Example], max_len: int) -> tuple[int, ...]:
   """`default_buckets` up to the longest of `examples` (rounded up to a multiple of 8), never past
   `max_len`: a batch is padded no longer than its data needs. (With `max_len` 96 and replies of
-  at most 72 tokens, every batch holding a row over 64 was padded to 96: a quarter of the demo's
-  stage-1 compute.)"""
+  at most 72 tokens, every batch holding a row over 64 was padded to 96; a 16-row SmolLM2 step
+  took 17.0 s there against 14.6 s at 72.)"""
   longest = max((len(e) for e in examples), default=1)
   return default_buckets(min(max_len, -(-longest // 8) * 8))
 
