@@ -11,6 +11,11 @@ if ROOT not in sys.path:
 
 from absl import flags, logging
 
+from persomux import host
+
+# Before JAX starts: XLA:CPU's per-step temporaries reuse freed pages instead of faulting in fresh ones.
+host.retain_freed_memory()
+
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the environment "
                   "names a coordinator (JAX_COORDINATOR_ADDRESS). On TPU slices, Slurm and Open MPI the "

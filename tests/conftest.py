@@ -23,6 +23,11 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 # Must precede the first jax import anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8")
 
+from persomux import host  # noqa: E402
+
+# As the launch scripts do: XLA:CPU's temporaries reuse freed pages (persomux.host, tests/test_host.py).
+host.retain_freed_memory()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
