@@ -31,9 +31,9 @@ def get_config():
   c.prompt.init_std = 0.0  # the trunk's own embedding scale
 
   # 8-example batches in both stages: half the arithmetic of 16-example ones at the same number
-  # of steps. On the 2-core machine of 2026-12-02 (README, "The demo, and what it shows"), unseen
-  # personas' test loss with 16 / 8: Persona-Mux 3.333 / 3.470, random codebook 3.454 / 3.525,
-  # soft prompt 3.405 / 3.661, and training took about 43 / 29 minutes.
+  # of steps. On the slower 2-core machine of 2026-12-01/02 (README, "The demo, and what it
+  # shows"), unseen personas' test loss with 16 / 8: Persona-Mux 3.333 / 3.470, random codebook
+  # 3.454 / 3.525, soft prompt 3.405 / 3.661, and training took about 43 / 29 minutes.
   c.pretrain.batch_size = 8
   c.pretrain.warmup_epochs = 1
   # Stage-1 length and the mixtures' step are what the codebook needs (README, "Why Persona-Mux
@@ -48,8 +48,10 @@ def get_config():
   c.pretrain.eval_every = 1000
 
   # Stage 2: 24 steps of 8 examples (4 epochs), one rate for every method: 1e-1, Persona-Mux's best.
-  # Swept for both at 1e-1 / 3e-1 / 1 (README): Persona-Mux 3.470 / 3.528 / 3.550, soft prompt
-  # 3.661 / 3.655 / 3.592.
+  # Swept for all at 1e-1 / 3e-1 / 1 (README) on the 2-core machine of 2026-12-02 (morning):
+  # Persona-Mux 3.412 / 3.432 / 3.493, random codebook 3.430 / 3.451 / 3.495, soft prompt
+  # 3.648 / 3.664 / 3.584; on the slower one of the night before, Persona-Mux 3.470 / 3.528 /
+  # 3.550, soft prompt 3.661 / 3.655 / 3.592.
   c.finetune.batch_size = 8
   c.finetune.steps = 24
   c.finetune.learning_rate = 1e-1

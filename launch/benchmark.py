@@ -32,11 +32,6 @@ if _ROOT not in sys.path:  # python launch/benchmark.py from a checkout: persomu
 
 from absl import app, flags
 
-from persomux import host
-
-# Before JAX starts, and for both sides: persomux and its PyTorch peer run in this one process.
-host.retain_freed_memory()
-
 FLAGS = flags.FLAGS
 SCALE_CASES = ("llama3_8b_stage1", "gemma2_27b_stage1_fsdp8", "llama3_8b_stage2_full", "llama3_8b_decode_tp8")
 flags.DEFINE_enum("suite", "train", ["train", "lora", "generate", "scale", "serve"], "Which benchmark to run.")
@@ -597,6 +592,11 @@ def main(argv):
 
 def run():
   """Console entry point."""
+  from persomux import host
+
+  # Before anything runs, for both sides (persomux and its PyTorch peer share this process): once more
+  # with glibc's large blocks on huge pages (persomux.host).
+  host.reexec_with_huge_pages()
   app.run(main)
 
 

@@ -11,11 +11,6 @@ if ROOT not in sys.path:
 
 from absl import flags, logging
 
-from persomux import host
-
-# Before JAX starts: XLA:CPU's per-step temporaries reuse freed pages instead of faulting in fresh ones.
-host.retain_freed_memory()
-
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data).")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the environment "
                   "names a coordinator (JAX_COORDINATOR_ADDRESS). On TPU slices, Slurm and Open MPI the "
@@ -84,6 +79,10 @@ def run(main):
 
   from absl import app
 
+  from persomux import host
+
+  # Before anything runs: once more with glibc's large blocks on huge pages (persomux.host).
+  host.reexec_with_huge_pages()
   module = inspect.getmodule(main)
   if module is not None and module.__name__ != "__main__":
     sys.argv[0] = module.__name__  # absl's --helpshort lists the flags of the module argv[0] names

@@ -25,8 +25,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_for
 
 from persomux import host  # noqa: E402
 
-# As the launch scripts do: XLA:CPU's temporaries reuse freed pages (persomux.host, tests/test_host.py).
-host.retain_freed_memory()
+# The launches and notebook kernels the tests start get glibc's large blocks on huge pages from the start
+# (persomux.host), as a launch run by hand re-executes itself to get them.
+os.environ.update(host.huge_pages_env() or {})
 
 import jax  # noqa: E402
 
