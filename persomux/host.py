@@ -86,9 +86,8 @@ def reexec_with_huge_pages() -> None:
   """Runs this program's command line again, from the start, with `huge_pages_env` (once: the new
   process has it); returns where that does not apply. For a program started as a script, a
   module (`-m`) or a console entry point, before it has done anything."""
-  main = sys.modules.get("__main__")
   argv = getattr(sys, "orig_argv", None)
-  if not getattr(main, "__file__", None) or not argv or "-c" in argv[1:2]:
+  if not getattr(sys.modules.get("__main__"), "__file__", None) or not argv:  # not -c, not interactive
     return
   env = huge_pages_env()
   if env is None:
