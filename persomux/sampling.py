@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding
 from persomux import prompts as prompts_lib
 from persomux import sharding as sharding_lib
 from persomux.models.config import SLIDING
+from persomux.models import modeling
 from persomux.models.modeling import cache_attention
 
 SOFT_MARKER = "<|soft|>"  # where a prompt string wants its soft tokens
@@ -108,9 +109,23 @@ MIN_SPAN = 64  # the fewest cache slots a decode step attends over
 KEYS_TRANSPOSED: bool | None = None
 
 
+# Whether the decode loop runs its layers unrolled, on weights and KV caches sliced per layer once
+# before the loop (`LayerGroup.unstack`); None: on CPU only. XLA:CPU copies every slice of a stacked
+# array before a matrix product, so a scanned decode step copies all its layer weights, and each
+# layer's span of the stacked KV cache, at every step; unrolled, it reads them in place, at a
+# longer compile (one copy of the layer per layer) and a second copy of the layer weights while
+# the loop runs. Elsewhere a scanned step's dynamic slices feed the products directly.
+DECODE_UNROLLED: bool | None = None
+
+
 def keys_transposed() -> bool:
   """Whether caches built now store keys transposed (see `KEYS_TRANSPOSED`); read at trace time."""
   return jax.default_backend() == "cpu" if KEYS_TRANSPOSED is None else KEYS_TRANSPOSED
+
+
+def decode_unrolled() -> bool:
+  """Whether decode loops traced now run unrolled (see `DECODE_UNROLLED`)."""
+  return jax.default_backend() == "cpu" if DECODE_UNROLLED is None else DECODE_UNROLLED
 
 
 def _cache_len(model, kind: str, total: int) -> int:
@@ -153,10 +168,12 @@ def _cache_mask(cache_pos, q_pos, window):
   return m[:, None]
 
 
-def _spans(size: int) -> list[int]:
-  """Cache spans a decode step may attend over: powers of two from MIN_SPAN, then `size`."""
+def _spans(size: int, copied: bool = False) -> list[int]:
+  """Cache spans a decode step may attend over: powers of two from MIN_SPAN, then `size`.
+  `copied`: a span is a copy of its slots (an unrolled step's static slice), worth it only up to
+  a third of the cache (copying reads and writes it, and the step reads the copy)."""
   spans, s = [], MIN_SPAN
-  while s < size:
+  while (3 * s <= size) if copied else (s < size):
     spans.append(s)
     s *= 2
   return spans + [size]
@@ -164,22 +181,26 @@ def _spans(size: int) -> list[int]:
 
 def _attend_cache(attn, q, k_cache, v_cache, rep, cache_pos, q_pos, window):
   """One new query per row `q` `[B, 1, heads, head_dim]` over repetition `rep` of the
-  stacked caches (see `init_caches`), reading only the
-  smallest span of slots that holds every row's filled ones."""
-  b, kv, size, h = v_cache.shape[1:]
+  stacked caches (see `init_caches`), or over one layer's caches (`rep` None: no leading
+  `[reps]` axis), reading only the smallest span of slots that holds every row's filled ones."""
+  b, kv, size, h = v_cache.shape[-4:]
   transposed = keys_transposed()
   filled = jnp.minimum(jnp.max(q_pos) + 1, size)  # slots fill from 0, rings wrap once full
 
   def over(span):
     def f(q, k_cache, v_cache, cache_pos):
-      k = jax.lax.dynamic_slice(k_cache, (rep, 0, 0, 0, 0), (1, b, kv, h, span) if transposed else
-                                (1, b, kv, span, h))[0]
-      v = jax.lax.dynamic_slice(v_cache, (rep, 0, 0, 0, 0), (1, b, kv, span, h))[0]
+      if rep is None:
+        k = k_cache[..., :span] if transposed else k_cache[:, :, :span]
+        v = v_cache[:, :, :span]
+      else:
+        k = jax.lax.dynamic_slice(k_cache, (rep, 0, 0, 0, 0), (1, b, kv, h, span) if transposed else
+                                  (1, b, kv, span, h))[0]
+        v = jax.lax.dynamic_slice(v_cache, (rep, 0, 0, 0, 0), (1, b, kv, span, h))[0]
       mask = _cache_mask(cache_pos[:, :span], q_pos[:, None], window)
       return cache_attention(q, k, v, mask, scale=attn.scale, softcap=attn.softcap, keys_transposed=transposed)
     return f
 
-  spans = _spans(size)
+  spans = _spans(size, copied=rep is None)
   args = (q, k_cache, v_cache, cache_pos)
   if len(spans) == 1:
     return over(spans[0])(*args)
@@ -253,9 +274,31 @@ def prefill_caches(model, embeds, mask, total: int, mesh=None):
   return {"pos": pos, "layers": layers}, model.logits(last)[:, 0], lengths
 
 
-def decode_step(model, caches, tokens, pos):
+def unstack_caches(caches):
+  """`caches` (see `init_caches`) with each stacked `[reps, ...]` key and value split into a
+  tuple of per-layer arrays, the layout `decode_step` takes with `weights`."""
+  split = lambda a: tuple(jax.lax.index_in_dim(a, i, keepdims=False) for i in range(a.shape[0]))
+  return {"pos": caches["pos"], "layers": [[{n: split(a) for n, a in c.items()} for c in group]
+                                           for group in caches["layers"]]}
+
+
+def stack_caches(caches):
+  """The inverse of `unstack_caches`."""
+  return {"pos": caches["pos"], "layers": [[{n: jnp.stack(a) for n, a in c.items()} for c in group]
+                                           for group in caches["layers"]]}
+
+
+def decode_step(model, caches, tokens, pos, weights=None):
   """Feeds `tokens` `[B]` at positions `pos` `[B]`, each row over its own caches
-  (see `init_caches`); returns `(caches, next-token logits [B, V])`."""
+  (see `init_caches`); returns `(caches, next-token logits [B, V])`.
+
+  `weights`: per layer group, its `LayerGroup.unstack()`; the layers then run
+  unrolled on those weights, and `caches` are in `unstack_caches`' layout."""
+  with modeling.few_row_products():
+    return _decode_step(model, caches, tokens, pos, weights)
+
+
+def _decode_step(model, caches, tokens, pos, weights):
   cfg = model.config
   rows = jnp.arange(tokens.shape[0])
   x = model.embed(tokens[:, None])
@@ -269,21 +312,29 @@ def decode_step(model, caches, tokens, pos):
     kind = module.layer_type
     cos, sin = tables[kind]
     window = cfg.sliding_window if kind == SLIDING else None
+    # This layer's caches: its own arrays (unrolled), or the stacked ones at repetition `rep`.
+    k_cache, v_cache, at = ((kv[j]["k"][rep], kv[j]["v"][rep], ()) if weights is not None else
+                            (kv[j]["k"], kv[j]["v"], (rep,)))
 
     def attend_fn(q, k, v):
       # Each row's new key and value go to its own slot, in place in the carried cache.
-      at = kv[j]["k"].at[rep, rows, :, :, slot[kind]] if transposed else kv[j]["k"].at[rep, rows, :, slot[kind]]
-      kc = at.set(k[:, 0].astype(kv[j]["k"].dtype))
-      vc = kv[j]["v"].at[rep, rows, :, slot[kind]].set(v[:, 0].astype(kv[j]["v"].dtype))
-      return _attend_cache(module.attn, q, kc, vc, rep, new_pos[kind], pos, window), {"k": kc, "v": vc}
+      keys = at + ((rows, slice(None), slice(None), slot[kind]) if transposed else (rows, slice(None), slot[kind]))
+      kc = k_cache.at[keys].set(k[:, 0].astype(k_cache.dtype))
+      vc = v_cache.at[at + (rows, slice(None), slot[kind])].set(v[:, 0].astype(v_cache.dtype))
+      out = _attend_cache(module.attn, q, kc, vc, None if weights is not None else rep, new_pos[kind], pos, window)
+      if weights is not None:  # back into this layer's place in the tuples
+        kc, vc = (tuple(c if i != rep else n for i, c in enumerate(kv[j][name])) for name, n in (("k", kc), ("v", vc)))
+      return out, {"k": kc, "v": vc}
 
     h, new = module(h, cos, sin, None, attend_fn)
     return (h, kv[:j] + [new] + kv[j + 1:]), None
 
   layers = []
-  for group, kv in zip(model.groups, caches["layers"]):
-    reps = jnp.arange(group.reps)
-    (x, kv), _ = group.scan(layer, (x, list(kv)), xs=[reps] * len(group.kinds))
+  for g, (group, kv) in enumerate(zip(model.groups, caches["layers"])):
+    # Unrolled, each repetition's index is a constant (numpy), so its cache is a tuple entry.
+    reps = np.arange(group.reps) if weights is not None else jnp.arange(group.reps)
+    (x, kv), _ = group.scan(layer, (x, list(kv)), xs=[reps] * len(group.kinds),
+                            weights=None if weights is None else weights[g])
     layers.append(kv)
   return {"pos": new_pos, "layers": layers}, model.logits(x)[:, 0]
 
@@ -321,13 +372,17 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
   model = nnx.merge(graphdef, state)
   lengths = carry["lengths"]
   b = lengths.shape[0]
+  # Unrolled (see `DECODE_UNROLLED`): the layers' weights and caches are sliced once, here.
+  weights = [group.unstack() for group in model.groups] if decode_unrolled() else None
+  if weights is not None:
+    carry = dict(carry, caches=unstack_caches(carry["caches"]))
 
   def body(c):
     rng, sub = jax.random.split(c["rng"])
     nxt = _sample(c["logits"], sub, temperature, top_k, top_p)
     nxt = jnp.where(c["done"], 0, nxt)
     i = c["i"]
-    caches, logits = decode_step(model, c["caches"], nxt, lengths + i)
+    caches, logits = decode_step(model, c["caches"], nxt, lengths + i, weights)
     out = {"i": i + 1, "done": c["done"] | jnp.isin(nxt, eos_ids), "out": c["out"].at[:, i].set(nxt),
            "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
     if "streams" in c:
@@ -342,7 +397,8 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
   def cond(c):
     return (c["i"] < limit) & ~jnp.all(c["done"])
 
-  return jax.lax.while_loop(cond, body, carry)
+  carry = jax.lax.while_loop(cond, body, carry)
+  return carry if weights is None else dict(carry, caches=stack_caches(carry["caches"]))
 
 
 def _encode(tokenizer, prompt: str) -> tuple[list[int], int]:
@@ -413,9 +469,12 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
     soft, soft_len = _soft_tokens(soft_prompts, b)
     index = np.zeros((b,), np.int32) if soft_index is None else np.asarray(soft_index, np.int32)
     embeds, mask, _, _ = prompts_lib.splice(embeds, mask, soft, soft_len, jnp.asarray(index))
-    s_b = bucket(embeds.shape[1])
-    embeds = jnp.pad(embeds, ((0, 0), (0, s_b - embeds.shape[1]), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, s_b - mask.shape[1])))
+    # Every row's real tokens (left-aligned) fit the longest prompt plus P soft tokens: the bucket
+    # of that, not of the padded length (a 428-token prompt and 20 soft tokens: 512, not 1024).
+    s_b = bucket(int(lengths.max()) + soft.shape[1])
+    keep = min(s_b, embeds.shape[1])
+    embeds = jnp.pad(embeds[:, :keep], ((0, 0), (0, s_b - keep), (0, 0)))
+    mask = jnp.pad(mask[:, :keep], ((0, 0), (0, s_b - keep)))
   graphdef, state = nnx.split(model)
   stream_kw, streams, sstate = {}, None, None
   if logit_streams is not None:

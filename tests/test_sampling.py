@@ -55,15 +55,18 @@ def test_greedy_matches_transformers(pair):
   np.testing.assert_array_equal(ours, ref, err_msg=name)
 
 
+@pytest.mark.parametrize("unrolled", [False, True])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_both_key_layouts_match_transformers(pair, transposed, monkeypatch):
-  """Keys cached like the values (TPU, GPU) or transposed (the CPU default): greedy decoding
-  equals transformers either way, across sliding-window rings (Gemma)."""
+def test_both_key_layouts_and_decode_loops_match_transformers(pair, transposed, unrolled, monkeypatch):
+  """Keys cached like the values (TPU, GPU) or transposed (the CPU default), and the decode
+  loop scanned (TPU, GPU) or unrolled on per-layer weights and caches (the CPU default):
+  greedy decoding equals transformers every way, across sliding-window rings (Gemma)."""
   import jax
 
   name, hf, model = pair
   monkeypatch.setattr(sampling, "KEYS_TRANSPOSED", transposed)
-  jax.clear_caches()  # the layout is read when a function is traced
+  monkeypatch.setattr(sampling, "DECODE_UNROLLED", unrolled)
+  jax.clear_caches()  # the layout and the loop are read when a function is traced
   try:
     ids = np.random.RandomState(7).randint(3, VOCAB, (2, 5))
     ref = _hf_greedy(hf, 12, input_ids=torch.tensor(ids))[:, 5:]
@@ -71,6 +74,25 @@ def test_both_key_layouts_match_transformers(pair, transposed, monkeypatch):
     k, v = caches["layers"][0][0]["k"], caches["layers"][0][0]["v"]
     assert k.shape == (v.shape[:3] + v.shape[3:][::-1] if transposed else v.shape)
     np.testing.assert_array_equal(sampling.generate_ids(model, ids, max_new_tokens=12), ref, err_msg=name)
+  finally:
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_long_decode_crosses_cache_spans(pair, unrolled, monkeypatch):
+  """150 greedy tokens after a 10-token prompt: the cache holds 272 slots, and the decode
+  steps attend over 64 slots, then wider spans (scanned: 128, 256, 272; unrolled, where a
+  span is a copy: 272), equal to transformers throughout."""
+  import jax
+
+  name, hf, model = pair
+  monkeypatch.setattr(sampling, "DECODE_UNROLLED", unrolled)
+  assert sampling._spans(272) == [64, 128, 256, 272] and sampling._spans(272, copied=True) == [64, 272]
+  jax.clear_caches()
+  try:
+    ids = np.random.RandomState(11).randint(3, VOCAB, (2, 10))
+    ref = _hf_greedy(hf, 150, input_ids=torch.tensor(ids))[:, 10:]
+    np.testing.assert_array_equal(sampling.generate_ids(model, ids, max_new_tokens=150), ref, err_msg=name)
   finally:
     jax.clear_caches()
 

@@ -4,6 +4,7 @@ These run before the whole-model tests (pytest collects this file first), so
 a mismatch names its layer: norm, rotary, attention, MLP or decoder block.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -190,3 +191,16 @@ def test_gemma2_decoder_layer_softcap_sandwich_norms():
   jcos, jsin = modeling.rope_cos_sin(jpos, modeling.rope_inv_freq(cfg.rope_for(SLIDING), 16), jnp.float32)
   mask = modeling.attention_mask(jpos, jpos, jnp.ones((b, t), jnp.int32), 4)
   np.testing.assert_allclose(np.asarray(ours(jnp.asarray(_np(x)), jcos, jsin, mask)[0]), _np(ref), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, out, splits", [(8, 1376, 16), (8, 512, 8), (8, 320, 4), (3, 96, 1), (65, 1024, 1)])
+def test_few_row_products_split_outputs_and_equal_the_product(rows, out, splits):
+  """Under `few_row_products` (decode steps), a product of at most 64 rows runs over blocks of
+  at least 64 of its outputs as one batched product; the values equal x @ w.T + b in float64."""
+  rs = np.random.RandomState(rows + out)
+  x, w, b = rs.randn(1, rows, 48), rs.randn(out, 48), rs.randn(out)
+  with modeling.few_row_products():
+    assert modeling._out_splits(rows, out) == splits
+    got = jax.jit(modeling.linear)(*(jnp.asarray(a, jnp.float32) for a in (x, w, b)))
+  assert modeling._out_splits(rows, out) == 1  # outside it: one product
+  np.testing.assert_allclose(np.asarray(got), x @ w.T + b, atol=1e-4)
