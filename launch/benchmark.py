@@ -63,7 +63,8 @@ def benchmark_config(layers: int):
                            ffn_dim=1376, tie_embeddings=False, max_position_embeddings=2048)
 
 
-def _median_time(fn, steps: int, warmup: int) -> float:
+def _times(fn, steps: int, warmup: int) -> list[float]:
+  """Seconds of `steps` calls of `fn` after `warmup` untimed ones, fastest first."""
   for _ in range(warmup):
     fn()
   times = []
@@ -71,7 +72,11 @@ def _median_time(fn, steps: int, warmup: int) -> float:
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  times.sort()
+  return sorted(times)
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  times = _times(fn, steps, warmup)
   return times[len(times) // 2]
 
 
@@ -286,11 +291,12 @@ def generate_suite():
   hf_t = _median_time(theirs, FLAGS.steps, 1)
   # Per-step decode time from the difference of two generation lengths, at two
   # prompt lengths: with a KV cache it should not grow with the position.
+  # Each the fastest of 5 runs: a difference of two times on a shared host is noisier than either.
   per_step = {}
   for pos in (64, 448):
     long_ids = rs.randint(3, cfg.vocab_size, (rows, pos - pm.num_tokens)).astype(np.int32)
-    t_short = _median_time(lambda: ours(long_ids, 16), 3, 1)
-    t_long = _median_time(lambda: ours(long_ids, 48), 3, 1)
+    t_short = _times(lambda: ours(long_ids, 16), 5, 1)[0]
+    t_long = _times(lambda: ours(long_ids, 48), 5, 1)[0]
     per_step[pos] = (t_long - t_short) / 32
   px_tps, hf_tps = rows * new / px_t, rows * new / hf_t
   floor, weight_bytes = weight_stream_floor(trunk, rows)
@@ -307,21 +313,28 @@ def generate_suite():
 
 def weight_stream_floor(trunk, rows: int, steps: int = 16) -> tuple[float, int]:
   """`(seconds, bytes)`: one pass of `rows` vectors through every matrix of `trunk` (its
-  projections and head; the embedding is a lookup), nothing else. A decode step of a few
-  rows must read every weight once, so on a CPU this is the floor of its time."""
+  projections and head; the embedding is a lookup), nothing else, each a separate array
+  multiplied as a decode step multiplies it (`modeling.linear` under `few_row_products`).
+  A decode step of a few rows must read every weight once, so on a CPU this is the floor
+  of its time."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
+  from persomux.models import modeling
+
   head = "embed_tokens" if trunk.lm_head is None else "lm_head"  # weights [..., out, in]
-  mats = [v.get_value() for path, v in nnx.to_flat_state(nnx.state(trunk, nnx.Param))
-          if path[0] == head or any(str(k).endswith("_proj") for k in path)]
+  stacked = [v.get_value() for path, v in nnx.to_flat_state(nnx.state(trunk, nnx.Param))
+             if path[0] == head or any(str(k).endswith("_proj") for k in path)]
+  mats = [m for w in stacked for m in (w.reshape(-1, *w.shape[-2:]) if w.ndim > 2 else w[None])]
+  mats = [jnp.array(m) for m in mats]  # one array per layer's matrix
 
   @jax.jit
   def passes(mats):
     def one(i, acc):
       x = jnp.full((rows, 1), 1.0 + acc * 1e-30, mats[0].dtype)
-      return acc + sum(jnp.sum(jnp.einsum("ri,...oi->...ro", jnp.broadcast_to(x, (rows, w.shape[-1])), w)) for w in mats)
+      with modeling.few_row_products():
+        return acc + sum(jnp.sum(modeling.linear(jnp.broadcast_to(x, (rows, w.shape[-1])), w)) for w in mats)
     return jax.lax.fori_loop(0, steps, one, jnp.zeros((), mats[0].dtype))
 
   passes(mats).block_until_ready()
@@ -457,6 +470,7 @@ def scale_suite():
   from jax.sharding import PartitionSpec as P
 
   from persomux import prompts, sampling, sharding, train
+  from persomux.models import modeling
   from persomux.models.config import TrunkConfig
   from persomux.models.modeling import Trunk
 
@@ -501,6 +515,10 @@ def scale_suite():
           f"GiB, temp {m.temp_size_in_bytes / gib:.2f} GiB, per device {per_device(compiled):.2f} GiB", flush=True)
     return compiled
 
+  # The decode loop an accelerator runs: scanned, over stacked weights, with whole products (the
+  # CPU defaults unroll it and split its few-row products; see `sampling.DECODE_UNROLLED`).
+  sampling.DECODE_UNROLLED = False
+  modeling.SPLIT_ROWS = 0
   devices = jax.devices()
   if FLAGS.scale_topology:
     from jax.experimental import topologies
@@ -511,8 +529,6 @@ def scale_suite():
                        "compile needs libtpu, no TPU: pip install --target .libtpu 'libtpu==0.0.42.*', "
                        "then PYTHONPATH=.libtpu (README, \"Which meshes fit\")") from e
     print(f"compiling for {FLAGS.scale_topology}, deviceless: {len(devices)} x {devices[0].device_kind}", flush=True)
-    from persomux import sampling
-
     sampling.KEYS_TRANSPOSED = False  # the cache layout a TPU host uses (the default follows this CPU host)
   else:
     print(f"compiling for {len(devices)} simulated {devices[0].platform} devices", flush=True)
