@@ -289,15 +289,11 @@ def generate_suite():
                   do_sample=False, pad_token_id=0)
 
   hf_t = _median_time(theirs, FLAGS.steps, 1)
-  # Per-step decode time from the difference of two generation lengths, at two
-  # prompt lengths: with a KV cache it should not grow with the position.
-  # Each the fastest of 5 runs: a difference of two times on a shared host is noisier than either.
-  per_step = {}
-  for pos in (64, 448):
-    long_ids = rs.randint(3, cfg.vocab_size, (rows, pos - pm.num_tokens)).astype(np.int32)
-    t_short = _times(lambda: ours(long_ids, 16), 5, 1)[0]
-    t_long = _times(lambda: ours(long_ids, 48), 5, 1)[0]
-    per_step[pos] = (t_long - t_short) / 32
+  # Per-step decode time at two prompt lengths: with a KV cache it should not grow with the
+  # position. The decode loop alone, from one prefilled carry (no prefill in the times), 40 steps
+  # less 8 (no per-call costs), each the fastest of 7.
+  per_step = {pos: decode_step_seconds(trunk, rs.randint(3, cfg.vocab_size, (rows, pos - pm.num_tokens)), soft)
+              for pos in (64, 448)}
   px_tps, hf_tps = rows * new / px_t, rows * new / hf_t
   floor, weight_bytes = weight_stream_floor(trunk, rows)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads {torch.get_num_threads()}")
@@ -309,6 +305,29 @@ def generate_suite():
   print(f"floor: the step's weight products alone ({rows} rows x {weight_bytes / 2**20:.0f} MiB of weights, "
         f"no attention) take {floor * 1e3:.2f} ms; the step at position 64 is {per_step[64] / floor:.2f}x that")
   print(f"generate ratio persomux/transformers = {px_tps / hf_tps:.2f}")
+
+
+def decode_step_seconds(trunk, ids, soft, short: int = 8, long: int = 40, repeats: int = 7) -> float:
+  """Seconds per step of `sampling.generate_ids`' decode loop after the prompts `ids` (with
+  `soft` soft prompts after each row's first token): the loop run `long` steps less the loop
+  run `short`, over `long - short`, each from a copy of one prefilled carry, fastest of `repeats`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from persomux import sampling
+
+  carry, decode = sampling.start_decoding(trunk, np.asarray(ids, np.int32), max_new_tokens=long, soft_prompts=soft,
+                                          soft_index=np.ones((len(ids),), np.int32))
+  times = {short: [], long: []}
+  for r in range(repeats + 1):  # round 0 compiles
+    for n in times:
+      fresh = jax.block_until_ready(jax.tree.map(jnp.copy, carry))
+      t0 = time.perf_counter()
+      jax.block_until_ready(decode(fresh, limit=jnp.int32(n)))
+      if r:
+        times[n].append(time.perf_counter() - t0)
+  return (min(times[long]) - min(times[short])) / (long - short)
 
 
 def weight_stream_floor(trunk, rows: int, steps: int = 16) -> tuple[float, int]:
@@ -529,7 +548,7 @@ def scale_suite():
                        "compile needs libtpu, no TPU: pip install --target .libtpu 'libtpu==0.0.42.*', "
                        "then PYTHONPATH=.libtpu (README, \"Which meshes fit\")") from e
     print(f"compiling for {FLAGS.scale_topology}, deviceless: {len(devices)} x {devices[0].device_kind}", flush=True)
-    sampling.KEYS_TRANSPOSED = False  # the cache layout a TPU host uses (the default follows this CPU host)
+    sampling.KEY_BLOCK = 0  # the cache layout a TPU host uses (the default follows this CPU host)
   else:
     print(f"compiling for {len(devices)} simulated {devices[0].platform} devices", flush=True)
 

@@ -12,10 +12,11 @@ Prefill and decode scan over the trunk's layer groups like training does;
 the KV caches are stacked per group and position in the group's pattern
 and ride in the decode scan's carry, so each step writes its token in place.
 Values are `[reps, batch, kv_heads, slots, head_dim]`; on CPU keys are
-stored transposed, `[reps, batch, kv_heads, head_dim, slots]`, so a step's
-scores `q . k` are a plain matrix product over the slots (XLA's CPU product
-against untransposed keys ran at a sixth of the speed), and elsewhere like
-the values (`KEYS_TRANSPOSED`). A decode step attends over
+stored in blocks of 64 slots, each block transposed, `[reps, batch,
+kv_heads, slots / 64, head_dim, 64]`, so a step's scores `q . k` read the
+keys in one pass (XLA's CPU product against keys laid out like values ran
+at a sixth of the speed, and against keys transposed whole at half), and
+elsewhere like the values (`KEY_BLOCK`). A decode step attends over
 only the filled part of each cache (the smallest power-of-two span, from
 `MIN_SPAN` slots, that holds every row's positions).
 """
@@ -102,11 +103,17 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 MIN_SPAN = 64  # the fewest cache slots a decode step attends over
-# Whether caches store keys transposed (`[..., head_dim, slots]`); None: on CPU only. On XLA's CPU
-# backend the decode step's score product against keys laid out like values ran at a sixth of
-# the speed; on a TPU compile the transposed keys' per-row slot writes added a copy of the key
-# cache (Llama-3-8B decode, 64 rows x 4,096 on tensor:8: 7.92 GiB per device against 5.91).
-KEYS_TRANSPOSED: bool | None = None
+# Keys are cached in blocks of this many slots, each block transposed (`[..., slots / KEY_BLOCK,
+# head_dim, KEY_BLOCK]`), or laid out like the values (0); None: 64 on CPU, 0 elsewhere. A divisor
+# of MIN_SPAN, so every span is whole blocks; caches round their slots up to whole blocks.
+# On XLA's CPU backend the decode step's score product against keys laid out like values ran at a
+# sixth of the speed. Transposed whole (`[..., head_dim, slots]`), the product reads each head_dim
+# row of the keys as its own strided stream: the 8-row attention of the benchmark trunk over 576
+# slots took 679 us per layer, and 459 us with 64-slot blocks, whose scores are a sum of products
+# over each contiguous block. On a TPU compile the transposed keys' per-row slot writes added a
+# copy of the key cache (Llama-3-8B decode, 64 rows x 4,096 on tensor:8: 7.92 GiB per device
+# against 5.91).
+KEY_BLOCK: int | None = None
 
 
 # Whether the decode loop runs its layers unrolled, on weights and KV caches sliced per layer once
@@ -118,9 +125,13 @@ KEYS_TRANSPOSED: bool | None = None
 DECODE_UNROLLED: bool | None = None
 
 
-def keys_transposed() -> bool:
-  """Whether caches built now store keys transposed (see `KEYS_TRANSPOSED`); read at trace time."""
-  return jax.default_backend() == "cpu" if KEYS_TRANSPOSED is None else KEYS_TRANSPOSED
+def key_block() -> int:
+  """The key cache's block (see `KEY_BLOCK`) for caches built now; 0: keys like the values.
+  Read at trace time."""
+  block = (64 if jax.default_backend() == "cpu" else 0) if KEY_BLOCK is None else KEY_BLOCK
+  if block < 0 or (block and MIN_SPAN % block):
+    raise ValueError(f"sampling.KEY_BLOCK={block}: expected 0 or a divisor of MIN_SPAN={MIN_SPAN}")
+  return block
 
 
 def decode_unrolled() -> bool:
@@ -129,8 +140,25 @@ def decode_unrolled() -> bool:
 
 
 def _cache_len(model, kind: str, total: int) -> int:
+  """Slots of a `kind` cache for `total` positions: a sliding window's ring or all of them,
+  rounded up to whole key blocks (a ring longer than its window still masks by the window)."""
   w = model.config.sliding_window
-  return min(w, total) if (kind == SLIDING and w) else total
+  n = min(w, total) if (kind == SLIDING and w) else total
+  block = key_block()
+  return -(-n // block) * block if block else n
+
+
+def _key_cache(values, block: int):
+  """An empty key cache for value caches shaped like `values` (`[..., slots, head_dim]`)."""
+  if not block:
+    return values
+  *lead, slots, h = values.shape
+  return jnp.zeros((*lead, slots // block, h, block), values.dtype)
+
+
+def _key_index(slot, block: int) -> tuple:
+  """The index, after the leading `[..., rows, kv_heads]` ones, of cache slots `slot` in keys."""
+  return (slot // block, slice(None), slot % block) if block else (slot,)
 
 
 def init_caches(model, batch: int, total: int):
@@ -139,15 +167,15 @@ def init_caches(model, batch: int, total: int):
   `{"pos": {kind: [batch, slots]}, "layers": [group][position] -> {"k", "v"}}`:
   the position each slot holds (-1: empty) per attention kind, and per layer
   group and position in its pattern the values `[reps, batch, kv_heads, slots,
-  head_dim]` and the keys, laid out like the values or, where
-  `keys_transposed()`, as `[reps, batch, kv_heads, head_dim, slots]`.
+  head_dim]` and the keys, laid out like the values or, where `key_block()`
+  is a block B, as `[reps, batch, kv_heads, slots / B, head_dim, B]`.
   """
   cfg = model.config
   size = {kind: _cache_len(model, kind, total) for kind in set(cfg.layer_types)}
   v = lambda reps, kind: jnp.zeros((reps, batch, cfg.num_kv_heads, size[kind], cfg.head_dim), model.dtype)
-  k = (lambda reps, kind: jnp.swapaxes(v(reps, kind), -1, -2)) if keys_transposed() else v
+  block = key_block()
   return {"pos": {kind: jnp.full((batch, n), -1, jnp.int32) for kind, n in size.items()},
-          "layers": [[{"k": k(g.reps, kind), "v": v(g.reps, kind)} for kind in g.kinds]
+          "layers": [[{"k": _key_cache(v(g.reps, kind), block), "v": v(g.reps, kind)} for kind in g.kinds]
                      for g in cfg.layer_groups]}
 
 
@@ -184,20 +212,21 @@ def _attend_cache(attn, q, k_cache, v_cache, rep, cache_pos, q_pos, window):
   stacked caches (see `init_caches`), or over one layer's caches (`rep` None: no leading
   `[reps]` axis), reading only the smallest span of slots that holds every row's filled ones."""
   b, kv, size, h = v_cache.shape[-4:]
-  transposed = keys_transposed()
+  block = key_block()
   filled = jnp.minimum(jnp.max(q_pos) + 1, size)  # slots fill from 0, rings wrap once full
 
   def over(span):
+    # The first `span` slots: of the values, and of the keys (`span / block` whole blocks).
+    k_shape = (b, kv, span // block, h, block) if block else (b, kv, span, h)
+
     def f(q, k_cache, v_cache, cache_pos):
       if rep is None:
-        k = k_cache[..., :span] if transposed else k_cache[:, :, :span]
-        v = v_cache[:, :, :span]
+        k, v = k_cache[:, :, :k_shape[2]], v_cache[:, :, :span]
       else:
-        k = jax.lax.dynamic_slice(k_cache, (rep, 0, 0, 0, 0), (1, b, kv, h, span) if transposed else
-                                  (1, b, kv, span, h))[0]
+        k = jax.lax.dynamic_slice(k_cache, (rep,) + (0,) * len(k_shape), (1,) + k_shape)[0]
         v = jax.lax.dynamic_slice(v_cache, (rep, 0, 0, 0, 0), (1, b, kv, span, h))[0]
       mask = _cache_mask(cache_pos[:, :span], q_pos[:, None], window)
-      return cache_attention(q, k, v, mask, scale=attn.scale, softcap=attn.softcap, keys_transposed=transposed)
+      return cache_attention(q, k, v, mask, scale=attn.scale, softcap=attn.softcap, key_block=block)
     return f
 
   spans = _spans(size, copied=rep is None)
@@ -208,10 +237,32 @@ def _attend_cache(attn, q, k_cache, v_cache, rep, cache_pos, q_pos, window):
   return jax.lax.switch(index, [over(s) for s in spans], *args)
 
 
+def _first_max(x):
+  """Per row of `x` `[B, n]`, the index of its first maximum (of its first NaN, as `jnp.argmax`)."""
+  n = x.shape[-1]
+  nan = jnp.isnan(x)
+  hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == jnp.max(x, axis=-1, keepdims=True))
+  return jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+
+
+def argmax(logits, block: int = 128):
+  """`jnp.argmax(logits, axis=-1)` of `[B, V]` logits, as int32: the best of each block of
+  `block` logits, then the best within the best block. Plain reductions: XLA's CPU argmax
+  (one reduction of value-index pairs) took 0.7 ms over 8 rows of a 32,000-token vocabulary,
+  single-threaded; this takes under 0.05 ms."""
+  b, v = logits.shape
+  x = jnp.pad(logits, ((0, 0), (0, -v % block)), constant_values=-jnp.inf) if v % block else logits
+  blocks = x.reshape(b, -1, block)
+  # A block's best is NaN where it holds one (XLA's CPU max may skip NaNs).
+  best = _first_max(jnp.where(jnp.any(jnp.isnan(blocks), axis=-1), jnp.nan, jnp.max(blocks, axis=-1)))
+  within = _first_max(jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0])
+  return best * block + within
+
+
 def _sample(logits, rng, temperature, top_k, top_p):
   """Next tokens `[B]` from logits `[B, V]` (greedy when temperature == 0)."""
   if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   logits = logits / temperature
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -246,6 +297,7 @@ def prefill_caches(model, embeds, mask, total: int, mesh=None):
   masks = model.masks(positions, positions, mask)
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
   size = {kind: _cache_len(model, kind, total) for kind in set(cfg.layer_types)}
+  block = key_block()
   # Only the last `size` real tokens fit a ring buffer; padding never enters (dropped slots).
   slot = {kind: jnp.where(mask.astype(bool) & (positions >= lengths[:, None] - n), positions % n, n)
           for kind, n in size.items()}
@@ -258,8 +310,8 @@ def prefill_caches(model, embeds, mask, total: int, mesh=None):
     h, (k, v) = module(h, cos, sin, masks[kind])
     empty = jnp.zeros((b, cfg.num_kv_heads, size[kind], cfg.head_dim), model.dtype)
     put_v = lambda x: empty.at[rows, :, slot[kind]].set(x.astype(model.dtype), mode="drop")
-    put_k = (lambda x: jnp.swapaxes(empty, -1, -2).at[rows, :, :, slot[kind]].set(
-        x.astype(model.dtype), mode="drop")) if keys_transposed() else put_v
+    put_k = lambda x: _key_cache(empty, block).at[(rows, slice(None)) + _key_index(slot[kind], block)].set(
+        x.astype(model.dtype), mode="drop")
     return h, {"k": put_k(k), "v": put_v(v)}
 
   h = embeds.astype(model.dtype)
@@ -304,7 +356,7 @@ def _decode_step(model, caches, tokens, pos, weights):
   x = model.embed(tokens[:, None])
   tables = model.rope_tables(pos[:, None])
   slot = {kind: pos % p.shape[1] for kind, p in caches["pos"].items()}
-  transposed = keys_transposed()
+  block = key_block()
   new_pos = {kind: p.at[rows, slot[kind]].set(pos) for kind, p in caches["pos"].items()}
 
   def layer(j, module, carry, rep):
@@ -318,7 +370,7 @@ def _decode_step(model, caches, tokens, pos, weights):
 
     def attend_fn(q, k, v):
       # Each row's new key and value go to its own slot, in place in the carried cache.
-      keys = at + ((rows, slice(None), slice(None), slot[kind]) if transposed else (rows, slice(None), slot[kind]))
+      keys = at + (rows, slice(None)) + _key_index(slot[kind], block)
       kc = k_cache.at[keys].set(k[:, 0].astype(k_cache.dtype))
       vc = v_cache.at[at + (rows, slice(None), slot[kind])].set(v[:, 0].astype(v_cache.dtype))
       out = _attend_cache(module.attn, q, kc, vc, None if weights is not None else rep, new_pos[kind], pos, window)
@@ -436,26 +488,14 @@ def _soft_tokens(soft_prompts, bsz: int):
   return soft, jnp.full((bsz,), soft.shape[1], jnp.int32)
 
 
-def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None, *, max_new_tokens: int,
-                 soft_prompts=None, soft_index: np.ndarray | None = None, eos_ids: Sequence[int] = (),
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0, stop_fn=None, stop_chunk: int = 8,
-                 logit_streams: LogitStreams | None = None) -> np.ndarray:
-  """Token-level generation.
-
-  Args:
-    input_ids: `[B, T]` right-padded prompt tokens; `lengths` `[B]` real lengths
-      (default: all T).
-    soft_prompts: see `generate`; inserted before `soft_index` `[B]` (default 0).
-    eos_ids: tokens that end a row.
-    stop_fn: optional `tokens [B, n] -> bool [B]`, called every `stop_chunk`
-      steps; rows it flags stop decoding (e.g. a stop string appeared).
-    logit_streams: optional `LogitStreams` combined with the logits at every
-      step (Drift decoding); None decodes exactly as without.
-
-  Returns:
-    `[B, max_new_tokens]` int32; a row is 0 after its EOS.
-  """
+def start_decoding(model, input_ids: np.ndarray, lengths: np.ndarray | None = None, *, max_new_tokens: int,
+                   soft_prompts=None, soft_index: np.ndarray | None = None, eos_ids: Sequence[int] = (),
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                   logit_streams: LogitStreams | None = None):
+  """`generate_ids`' prefill: `(carry, decode)`, the decode carry after the prompts and
+  `decode(carry, limit=...)`, which decodes until step `limit` (at most `max_new_tokens`) or
+  until every row is done and returns the carry (it donates the carry it is given); the
+  tokens so far are `carry["out"]` `[B, bucket(max_new_tokens)]`."""
   input_ids = np.asarray(input_ids, np.int32)
   b, t = input_ids.shape
   lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths, np.int32)
@@ -487,6 +527,32 @@ def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None
   eos = jnp.asarray(np.array(list(eos_ids) or [-1], np.int32))
   decode = functools.partial(_decode, graphdef, state, eos_ids=eos, sstate=sstate, temperature=float(temperature),
                              top_k=top_k, top_p=top_p, **stream_kw)
+  return carry, decode
+
+
+def generate_ids(model, input_ids: np.ndarray, lengths: np.ndarray | None = None, *, max_new_tokens: int,
+                 soft_prompts=None, soft_index: np.ndarray | None = None, eos_ids: Sequence[int] = (),
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop_fn=None, stop_chunk: int = 8,
+                 logit_streams: LogitStreams | None = None) -> np.ndarray:
+  """Token-level generation.
+
+  Args:
+    input_ids: `[B, T]` right-padded prompt tokens; `lengths` `[B]` real lengths
+      (default: all T).
+    soft_prompts: see `generate`; inserted before `soft_index` `[B]` (default 0).
+    eos_ids: tokens that end a row.
+    stop_fn: optional `tokens [B, n] -> bool [B]`, called every `stop_chunk`
+      steps; rows it flags stop decoding (e.g. a stop string appeared).
+    logit_streams: optional `LogitStreams` combined with the logits at every
+      step (Drift decoding); None decodes exactly as without.
+
+  Returns:
+    `[B, max_new_tokens]` int32; a row is 0 after its EOS.
+  """
+  carry, decode = start_decoding(model, input_ids, lengths, max_new_tokens=max_new_tokens, soft_prompts=soft_prompts,
+                                 soft_index=soft_index, eos_ids=eos_ids, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, logit_streams=logit_streams)
   if stop_fn is None:
     carry = decode(carry, limit=jnp.int32(max_new_tokens))
   else:

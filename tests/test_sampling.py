@@ -10,6 +10,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Ge
 
 import persomux
 from persomux import prompts, sampling
+from persomux.models.config import FULL
 from persomux.tokenizer import train_bpe_tokenizer
 
 VOCAB = 120
@@ -56,23 +57,27 @@ def test_greedy_matches_transformers(pair):
 
 
 @pytest.mark.parametrize("unrolled", [False, True])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_both_key_layouts_and_decode_loops_match_transformers(pair, transposed, unrolled, monkeypatch):
-  """Keys cached like the values (TPU, GPU) or transposed (the CPU default), and the decode
-  loop scanned (TPU, GPU) or unrolled on per-layer weights and caches (the CPU default):
-  greedy decoding equals transformers every way, across sliding-window rings (Gemma)."""
+@pytest.mark.parametrize("block", [0, 8, 64])
+def test_key_layouts_and_decode_loops_match_transformers(pair, block, unrolled, monkeypatch):
+  """Keys cached like the values (TPU, GPU) or in transposed blocks of slots (64, the CPU
+  default; 8: several blocks in these short caches, 64: the slots rounded up to one block), and
+  the decode loop scanned (TPU, GPU) or unrolled on per-layer weights and caches (the CPU
+  default): greedy decoding equals transformers every way, across sliding-window rings (Gemma)."""
   import jax
 
   name, hf, model = pair
-  monkeypatch.setattr(sampling, "KEYS_TRANSPOSED", transposed)
+  monkeypatch.setattr(sampling, "KEY_BLOCK", block)
   monkeypatch.setattr(sampling, "DECODE_UNROLLED", unrolled)
   jax.clear_caches()  # the layout and the loop are read when a function is traced
   try:
     ids = np.random.RandomState(7).randint(3, VOCAB, (2, 5))
     ref = _hf_greedy(hf, 12, input_ids=torch.tensor(ids))[:, 5:]
     caches = sampling.init_caches(model, 2, 32)
-    k, v = caches["layers"][0][0]["k"], caches["layers"][0][0]["v"]
-    assert k.shape == (v.shape[:3] + v.shape[3:][::-1] if transposed else v.shape)
+    assert caches["pos"][FULL].shape == (2, -(-32 // block) * block if block else 32)
+    for c in (c for group in caches["layers"] for c in group):
+      k, v = c["k"], c["v"]
+      assert (v.shape[3] % block == 0 and k.shape == v.shape[:3] + (v.shape[3] // block, v.shape[4], block)
+              if block else k.shape == v.shape)
     np.testing.assert_array_equal(sampling.generate_ids(model, ids, max_new_tokens=12), ref, err_msg=name)
   finally:
     jax.clear_caches()
@@ -95,6 +100,22 @@ def test_long_decode_crosses_cache_spans(pair, unrolled, monkeypatch):
     np.testing.assert_array_equal(sampling.generate_ids(model, ids, max_new_tokens=150), ref, err_msg=name)
   finally:
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("vocab", [7, 128, 129, 32000])
+def test_argmax_equals_numpy_with_ties_nans_and_infinities(vocab):
+  """Greedy decoding's blocked argmax picks what numpy's argmax picks: the first maximum, the
+  first NaN, index 0 of an all -inf row, across block edges and a vocabulary not of whole blocks."""
+  rs = np.random.RandomState(vocab)
+  x = rs.randn(6, vocab).astype(np.float32)
+  x[1] = x[1, 3]  # all equal
+  x[2, [vocab // 2, vocab - 1]] = np.nan
+  x[3] = -np.inf
+  x[4, [vocab // 3, vocab - 1]] = 50.0  # a tie across blocks
+  x[5, vocab - 1] = np.inf
+  got = np.asarray(sampling.argmax(jnp.asarray(x)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 def test_soft_prompt_matches_transformers_fed_spliced_embeds(pair):
