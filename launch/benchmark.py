@@ -464,6 +464,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def decode_carry_placed(carry, mesh, rows: int):
+  """Abstract decode carry `carry` (`jax.eval_shape` of `sampling._prefill`) placed on `mesh` as the
+  library's prefill places it: every KV cache, values `[reps, rows, kv, slots, head_dim]` and keys
+  in either layout (`sampling.key_block`), by `sharding.cache_spec`; other per-row arrays over the
+  batch axes; the rest replicated."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from persomux import sharding
+
+  def spec(path, x):
+    if any(getattr(k, "key", None) == "layers" for k in path):
+      return sharding.cache_spec(x.shape, mesh)
+    return P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P()
+
+  return jax.tree.map_with_path(lambda path, x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(sharding.auto_mesh(mesh), spec(path, x))), carry)
+
+
 def scale_suite():
   """Compiles full-size steps from abstract shapes only (no weight is allocated)
   on simulated meshes and prints each one's per-device memory from the compiled
@@ -594,9 +613,7 @@ def scale_suite():
     carry = jax.eval_shape(functools.partial(sampling._prefill, graphdef, max_new=new), state,
                            bs((rows, context - new, cfg.d_model), jnp.bfloat16), bs((rows, context - new), jnp.int32),
                            jax.random.key(0))
-    carry = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-        sharding.auto_mesh(mesh), sharding.cache_spec(x.shape, mesh) if x.ndim == 5  # [reps, rows, kv, slots, hd]
-        else P(sharding.BATCH_AXES) if x.ndim and x.shape[0] == rows else P())), carry)
+    carry = decode_carry_placed(carry, mesh, rows)
     compiled = compile_("decode", sampling._decode.lower(graphdef, state, carry, np.zeros((1,), np.int32),
                                                          np.int32(new), temperature=0.0, top_k=None, top_p=None))
     out["llama3_8b_decode_tp8"] = per_device(compiled)

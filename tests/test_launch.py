@@ -234,3 +234,38 @@ def test_benchmark_counts_the_matmuls_of_every_scanned_layer():
   attention = 3 * 2 * 2 * 4 * (2 * 8 * 8 * 8)  # layers x (scores, values) x rows x heads x 2 q k head_dim
   head = 16 * 2 * 32 * 64
   assert float(proc.stdout.split()[-1]) == layers + attention + head
+
+
+@pytest.mark.parametrize("block", [0, 8])
+def test_scale_suite_places_decode_caches_as_the_prefill_does(monkeypatch, block):
+  """The scale suite compiles decode from an abstract carry it places itself. Every KV cache must
+  shard its kv heads over `tensor` as the library's prefill shards them, in either key layout: with
+  keys in blocks (6 axes, the CPU default) a placement that matched 5-axis caches only left the
+  keys replicated, and case (d)'s CPU compile read 34.86 GiB per device instead of 17.74."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from launch import benchmark
+  from persomux import sampling, sharding
+  from persomux.models.modeling import Trunk, TrunkConfig
+
+  monkeypatch.setattr(sampling, "KEY_BLOCK", block)
+  cfg = TrunkConfig.llama(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=64)
+  mesh = sharding.parse_mesh("tensor:4", devices=jax.devices()[:4])
+  graphdef, state = nnx.split(Trunk(cfg, rngs=nnx.Rngs(0)))
+  rows, prompt = 4, 56 + block  # a prompt length of its own: `_prefill` is jitted, read KEY_BLOCK when traced
+  carry = jax.eval_shape(functools.partial(sampling._prefill, graphdef, max_new=8), state,
+                         jax.ShapeDtypeStruct((rows, prompt, 32), jnp.float32),
+                         jax.ShapeDtypeStruct((rows, prompt), jnp.int32), jax.random.key(0))
+  placed = benchmark.decode_carry_placed(carry, mesh, rows)
+  caches = [c for group in placed["caches"]["layers"] for c in group]
+  assert caches and {len(c["k"].shape) for c in caches} == {6 if block else 5}
+  for c in caches:
+    for x in (c["k"], c["v"]):
+      assert x.sharding.spec[2] == "tensor", (x.shape, x.sharding.spec)
+      assert x.sharding.shard_shape(x.shape)[2] == 1  # 4 kv heads over 4 devices
+  for x in jax.tree.leaves(placed["caches"]["pos"]):  # [rows, slots]: rows over the batch axes
+    assert x.sharding.spec[0] == sharding.BATCH_AXES, x.sharding.spec
