@@ -180,10 +180,14 @@ def init_caches(model, batch: int, total: int):
 
 
 def insert_rows(caches, rows, start):
-  """`caches` with the caches `rows` (of fewer rows, same slots) written over rows `start...`."""
+  """`caches` with the caches `rows` (of fewer rows, same slots, stacked as `init_caches` makes
+  them) written over rows `start...`; `caches` may be in `unstack_caches`' layout."""
   put = lambda axis: lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, start, axis=axis)
+  unstacked = isinstance(caches["layers"][0][0]["v"], tuple)
+  if unstacked:
+    rows = unstack_caches(rows)
   return {"pos": jax.tree.map(put(0), caches["pos"], rows["pos"]),
-          "layers": jax.tree.map(put(1), caches["layers"], rows["layers"])}
+          "layers": jax.tree.map(put(0 if unstacked else 1), caches["layers"], rows["layers"])}
 
 
 def _cache_mask(cache_pos, q_pos, window):

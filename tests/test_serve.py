@@ -370,3 +370,47 @@ def test_drift_steered_replies_equal_drift_generate(run_dir):
     assert r.status_code == 404 and "nobody" in r.json()["error"]["message"]
   finally:
     s.close()
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_engine_greedy_replies_equal_transformers_in_both_decode_layouts(tmp_path, monkeypatch, unrolled):
+  """The engine's step reads stacked weights and caches (the accelerator layout, scanned) or, on
+  CPU by default, weights sliced out once and caches kept per layer. Either way, three prompts
+  through two slots (one slot reused after a reply ends) reply with transformers' greedy tokens."""
+  from persomux.serving.engine import Engine, Request
+
+  monkeypatch.setattr(sampling, "DECODE_UNROLLED", unrolled)
+  records = synthetic.make_corpus(synthetic.SyntheticCorpusConfig(num_personas=3, examples_per_persona=4))
+  tok = train_bpe_tokenizer(synthetic.population_text(records), vocab_size=200)
+  torch.manual_seed(1)
+  hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+  hf.save_pretrained(tmp_path / "m")
+  tok.save_pretrained(tmp_path / "m")
+  trunk, tok = persomux.load_model(str(tmp_path / "m"))
+  text = synthetic.population_text(records)
+  prompts = [tok(t, add_special_tokens=False)["input_ids"][:n] for t, n in zip(text, (5, 11, 17))]
+  new = 12
+  refs = []
+  for ids in prompts:
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = out[0, len(ids):].tolist()
+    refs.append(ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)
+
+  engine = Engine(trunk, tok, slots=2, max_context=64).start()
+  assert (engine._layers is not None) == unrolled
+  done = [threading.Event() for _ in prompts]
+  reqs = [Request(prompt_ids=ids, soft_index=0, temperature=0.0, max_tokens=new,
+                  emit=lambda text, finish, e=e: finish is not None and e.set()) for ids, e in zip(prompts, done)]
+  try:
+    for r in reqs:
+      engine.submit(r)
+    for e in done:
+      assert e.wait(timeout=120), engine.status()
+  finally:
+    engine.stop()
+  assert [len(r) for r in refs] == [new] * 3 and [len(p) for p in prompts] == [5, 11, 17]
+  assert [r.tokens for r in reqs] == refs
+  assert engine.status()["max_active"] == 2 and engine.error is None

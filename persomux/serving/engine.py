@@ -79,7 +79,7 @@ class Request:
 def sample_rows(logits, keys, temperature, top_p):
   """Next tokens `[B]` from logits `[B, V]`, each row with its own PRNG key,
   temperature (0: greedy) and top-p (1: no truncation)."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = sampling.argmax(logits)  # jnp.argmax, in plain reductions (faster on CPU)
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
 
   def truncate(x):
@@ -133,21 +133,28 @@ def _prefill_streams(graphdef, state, caches, row, ids, lengths, weights, beta, 
   return caches, _pull(logits[None], weights[None], beta)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _unstack_layers(graphdef, state):
+  """Each layer group's weights sliced out once (`LayerGroup.unstack`), for `decode_step(weights=...)`."""
+  return [group.unstack() for group in nnx.merge(graphdef, state).groups]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
-def _step(graphdef, state, caches, tokens, pos, seeds, temperature, top_p):
-  """One decode step of every slot: feeds `tokens` at `pos`; returns `(caches, next tokens)`."""
+def _step(graphdef, state, layers, caches, tokens, pos, seeds, temperature, top_p):
+  """One decode step of every slot: feeds `tokens` at `pos`; returns `(caches, next tokens)`.
+  `layers`: `_unstack_layers`' weights, with `caches` in `sampling.unstack_caches`' layout, or None."""
   model = nnx.merge(graphdef, state)
-  caches, logits = sampling.decode_step(model, caches, tokens, pos)
+  caches, logits = sampling.decode_step(model, caches, tokens, pos, layers)
   return caches, sample_rows(logits, _row_keys(seeds, pos + 1), temperature, top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sgraphdef"), donate_argnames=("caches", "scaches"))
-def _step_streams(graphdef, state, caches, tokens, pos, seeds, temperature, top_p, sgraphdef, sstate, scaches,
+def _step_streams(graphdef, state, layers, caches, tokens, pos, seeds, temperature, top_p, sgraphdef, sstate, scaches,
                   spos, weights, beta):
   """`_step` with Drift: every slot's S streams (`scaches` rows, at `spos`) are fed
   the slot's token too, and each slot samples from its logits + its pull."""
   model, small = nnx.merge(graphdef, state), nnx.merge(sgraphdef, sstate)
-  caches, logits = sampling.decode_step(model, caches, tokens, pos)
+  caches, logits = sampling.decode_step(model, caches, tokens, pos, layers)
   per = spos.shape[0] // tokens.shape[0]
   scaches, slogits = sampling.decode_step(small, scaches, jnp.repeat(tokens, per), spos)
   steered = logits + _pull(slogits.reshape(tokens.shape[0], per, -1), weights, beta)
@@ -187,6 +194,14 @@ class Engine:
     self._stopping = False
     self._thread: threading.Thread | None = None
     self._caches = self._empty_caches(self.trunk, slots)
+    # Where decode runs unrolled (`sampling.decode_unrolled`: on CPU), each step reads the layers'
+    # weights sliced out once here and caches kept per layer: XLA:CPU copies every slice of a
+    # stacked array before its product, so a scanned step copied every layer weight it read.
+    # Costs a second copy of the layer weights for the engine's life.
+    self._layers = None
+    if sampling.decode_unrolled():
+      self._layers = _unstack_layers(self._graphdef, self._state)
+      self._caches = sampling.unstack_caches(self._caches)
     # Drift: `drift_streams` rows of the small LM's cache per slot (base + attributes).
     self.drift_streams, self.drift_beta = drift_streams, float(drift_beta)
     if drift_streams:
@@ -351,11 +366,11 @@ class Engine:
     if any(steering):
       weights = np.where(np.array(steering)[:, None], self._sweights, 0.0).astype(np.float32)
       self._caches, self._scaches, nxt = _step_streams(
-          self._graphdef, self._state, self._caches, *args, self._sgraphdef, self._sstate, self._scaches,
+          self._graphdef, self._state, self._layers, self._caches, *args, self._sgraphdef, self._sstate, self._scaches,
           jnp.asarray(self._spos), jnp.asarray(weights), jnp.float32(self.drift_beta))
       self._spos += 1
     else:
-      self._caches, nxt = _step(self._graphdef, self._state, self._caches, *args)
+      self._caches, nxt = _step(self._graphdef, self._state, self._layers, self._caches, *args)
     nxt = np.asarray(nxt)
     self.stats["steps"] += 1
     for slot in np.flatnonzero(active):
