@@ -430,8 +430,12 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
   b = lengths.shape[0]
   # Unrolled (see `DECODE_UNROLLED`): the layers' weights and caches are sliced once, here.
   weights = [group.unstack() for group in model.groups] if decode_unrolled() else None
+  sweights = None
   if weights is not None:
     carry = dict(carry, caches=unstack_caches(carry["caches"]))
+    if "streams" in carry:  # Drift's small LM runs its layers the same way
+      sweights = [group.unstack() for group in nnx.merge(sgraphdef, sstate).groups]
+      carry["streams"] = dict(carry["streams"], caches=unstack_caches(carry["streams"]["caches"]))
 
   def body(c):
     rng, sub = jax.random.split(c["rng"])
@@ -445,7 +449,7 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
       st = c["streams"]
       small = nnx.merge(sgraphdef, sstate)
       per_row = st["lengths"].shape[0] // b
-      s_caches, s_logits = decode_step(small, st["caches"], jnp.repeat(nxt, per_row), st["lengths"] + i)
+      s_caches, s_logits = decode_step(small, st["caches"], jnp.repeat(nxt, per_row), st["lengths"] + i, sweights)
       out["logits"] = combine_logits(logits, s_logits.reshape(b, per_row, -1), st["weights"], beta)
       out["streams"] = dict(st, caches=s_caches)
     return out
@@ -454,7 +458,12 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
     return (c["i"] < limit) & ~jnp.all(c["done"])
 
   carry = jax.lax.while_loop(cond, body, carry)
-  return carry if weights is None else dict(carry, caches=stack_caches(carry["caches"]))
+  if weights is None:
+    return carry
+  carry = dict(carry, caches=stack_caches(carry["caches"]))
+  if sweights is not None:
+    carry["streams"] = dict(carry["streams"], caches=stack_caches(carry["streams"]["caches"]))
+  return carry
 
 
 def _encode(tokenizer, prompt: str) -> tuple[list[int], int]:

@@ -149,14 +149,15 @@ def _step(graphdef, state, layers, caches, tokens, pos, seeds, temperature, top_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sgraphdef"), donate_argnames=("caches", "scaches"))
-def _step_streams(graphdef, state, layers, caches, tokens, pos, seeds, temperature, top_p, sgraphdef, sstate, scaches,
-                  spos, weights, beta):
-  """`_step` with Drift: every slot's S streams (`scaches` rows, at `spos`) are fed
-  the slot's token too, and each slot samples from its logits + its pull."""
+def _step_streams(graphdef, state, layers, caches, tokens, pos, seeds, temperature, top_p, sgraphdef, sstate,
+                  slayers, scaches, spos, weights, beta):
+  """`_step` with Drift: every slot's S streams (`scaches` rows, at `spos`; `slayers` as
+  `layers`, for the small LM) are fed the slot's token too, and each slot samples from its
+  logits + its pull."""
   model, small = nnx.merge(graphdef, state), nnx.merge(sgraphdef, sstate)
   caches, logits = sampling.decode_step(model, caches, tokens, pos, layers)
   per = spos.shape[0] // tokens.shape[0]
-  scaches, slogits = sampling.decode_step(small, scaches, jnp.repeat(tokens, per), spos)
+  scaches, slogits = sampling.decode_step(small, scaches, jnp.repeat(tokens, per), spos, slayers)
   steered = logits + _pull(slogits.reshape(tokens.shape[0], per, -1), weights, beta)
   return caches, scaches, sample_rows(steered, _row_keys(seeds, pos + 1), temperature, top_p)
 
@@ -212,6 +213,10 @@ class Engine:
         raise ValueError("the Drift model's vocabulary differs from the trunk's; Drift needs a shared tokenizer")
       self._sgraphdef, self._sstate = nnx.split(self._small)
       self._scaches = self._empty_caches(self._small, slots * drift_streams)
+      self._slayers = None
+      if self._layers is not None:
+        self._slayers = self._layers if self._small is trunk else _unstack_layers(self._sgraphdef, self._sstate)
+        self._scaches = sampling.unstack_caches(self._scaches)
       self._spos = np.zeros((slots * drift_streams,), np.int32)
       self._sweights = np.zeros((slots, drift_streams - 1), np.float32)
     self.stats = {"requests": 0, "completed": 0, "steps": 0, "max_active": 0, "generated_tokens": 0}
@@ -366,8 +371,8 @@ class Engine:
     if any(steering):
       weights = np.where(np.array(steering)[:, None], self._sweights, 0.0).astype(np.float32)
       self._caches, self._scaches, nxt = _step_streams(
-          self._graphdef, self._state, self._layers, self._caches, *args, self._sgraphdef, self._sstate, self._scaches,
-          jnp.asarray(self._spos), jnp.asarray(weights), jnp.float32(self.drift_beta))
+          self._graphdef, self._state, self._layers, self._caches, *args, self._sgraphdef, self._sstate,
+          self._slayers, self._scaches, jnp.asarray(self._spos), jnp.asarray(weights), jnp.float32(self.drift_beta))
       self._spos += 1
     else:
       self._caches, nxt = _step(self._graphdef, self._state, self._layers, self._caches, *args)
