@@ -14,10 +14,10 @@ this process on the benchmark model. Its last line is the throughput ratio.
 (hidden 512, 8 layers, 8 heads, 4 kv heads, ffn 1376, vocab 32000), batch
 8 x 128 tokens, fp32, against HF PEFT prompt tuning (20 virtual tokens =
 l + k = 12 + 8, Adam) on the identical model in PyTorch. It prints tokens/s
-of both at each side's fastest step (and the median), their ratio, and achieved matmul FLOP/s (counted from the step's
-jaxpr) as a fraction of this machine's fp32 matmul rate, measured in the
-same run. Absolute times on shared
-machines are noise; the ratio is the figure.
+of both at each side's fastest step (and the median), their ratio, and
+achieved matmul FLOP/s (counted from the step's jaxpr) as a fraction of this
+machine's fp32 matmul rate, measured in the same run. Absolute times on
+shared machines are noise; the ratio is the figure.
 """
 
 from __future__ import annotations

@@ -330,6 +330,11 @@ def prefill_caches(model, embeds, mask, total: int, mesh=None):
   return {"pos": pos, "layers": layers}, model.logits(last)[:, 0], lengths
 
 
+def unstack_layers(model):
+  """Each layer group's weights sliced out once (`LayerGroup.unstack`): `decode_step`'s `weights`."""
+  return [group.unstack() for group in model.groups]
+
+
 def unstack_caches(caches):
   """`caches` (see `init_caches`) with each stacked `[reps, ...]` key and value split into a
   tuple of per-layer arrays, the layout `decode_step` takes with `weights`."""
@@ -429,12 +434,13 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
   lengths = carry["lengths"]
   b = lengths.shape[0]
   # Unrolled (see `DECODE_UNROLLED`): the layers' weights and caches are sliced once, here.
-  weights = [group.unstack() for group in model.groups] if decode_unrolled() else None
+  small = nnx.merge(sgraphdef, sstate) if "streams" in carry else None
+  weights = unstack_layers(model) if decode_unrolled() else None
   sweights = None
   if weights is not None:
     carry = dict(carry, caches=unstack_caches(carry["caches"]))
-    if "streams" in carry:  # Drift's small LM runs its layers the same way
-      sweights = [group.unstack() for group in nnx.merge(sgraphdef, sstate).groups]
+    if small is not None:  # Drift's small LM runs its layers the same way
+      sweights = unstack_layers(small)
       carry["streams"] = dict(carry["streams"], caches=unstack_caches(carry["streams"]["caches"]))
 
   def body(c):
@@ -447,7 +453,6 @@ def _decode(graphdef, state, carry, eos_ids, limit, sstate=None, *, temperature,
            "caches": caches, "logits": logits, "rng": rng, "lengths": lengths}
     if "streams" in c:
       st = c["streams"]
-      small = nnx.merge(sgraphdef, sstate)
       per_row = st["lengths"].shape[0] // b
       s_caches, s_logits = decode_step(small, st["caches"], jnp.repeat(nxt, per_row), st["lengths"] + i, sweights)
       out["logits"] = combine_logits(logits, s_logits.reshape(b, per_row, -1), st["weights"], beta)

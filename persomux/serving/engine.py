@@ -135,8 +135,8 @@ def _prefill_streams(graphdef, state, caches, row, ids, lengths, weights, beta, 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _unstack_layers(graphdef, state):
-  """Each layer group's weights sliced out once (`LayerGroup.unstack`), for `decode_step(weights=...)`."""
-  return [group.unstack() for group in nnx.merge(graphdef, state).groups]
+  """`sampling.unstack_layers` of the model, jitted: sliced once, when an engine starts."""
+  return sampling.unstack_layers(nnx.merge(graphdef, state))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
