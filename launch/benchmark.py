@@ -101,17 +101,19 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / t
 
 
-def matmul_flops(jaxpr) -> float:
-  """The matmul FLOPs of a jaxpr: 2 x output size x contracted size of every `dot_general`, inside
-  nested jaxprs too, a scan's body once per iteration. XLA's `cost_analysis` counts a while loop's
-  body once, so on the scanned trunk it reports about one layer's work."""
+def matmul_flops(jaxpr, where=None) -> float:
+  """The matmul FLOPs of a jaxpr: 2 x output size x contracted size of every `dot_general`
+  (only those `where(*shapes)` holds for, if given: the operands' shapes, then the output's),
+  inside nested jaxprs too, a scan's body once per iteration. XLA's `cost_analysis` counts a
+  while loop's body once, so on the scanned trunk it reports about one layer's work."""
   import math
 
   from jax.extend import core
 
   total = 0.0
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name == "dot_general" and (
+        where is None or where(*(v.aval.shape for v in (*eqn.invars, *eqn.outvars)))):
       (contract, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
@@ -119,7 +121,7 @@ def matmul_flops(jaxpr) -> float:
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
-          total += times * matmul_flops(getattr(sub, "jaxpr", sub))
+          total += times * matmul_flops(getattr(sub, "jaxpr", sub), where)
   return total
 
 

@@ -21,6 +21,7 @@ update's target tokens, so it equals the update of one big batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from persomux import data as data_lib
 from persomux import prompts as prompts_lib
 from persomux.checkpoint import Checkpointer, Part
+from persomux.models import modeling
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,9 +80,12 @@ def chunked_nll(trunk, h: jax.Array, ids: jax.Array, loss_chunk: int = LOSS_CHUN
   """`-log p(ids | h)` `[batch, m]` from hidden states `h` `[batch, m, d]` (before the final norm).
 
   Logits exist for about `loss_chunk` tokens at a time (`max(1, loss_chunk // batch)`
-  per row): chunks run in a `lax.map`, each under `jax.checkpoint` so the backward
-  pass recomputes a chunk's logits instead of keeping them all. One chunk needs
-  neither: it is computed directly.
+  per row), chunk after chunk. Under differentiation, with the final norm and head
+  frozen (soft prompts, LoRA), each chunk's forward pass also takes each token's
+  gradient with respect to its own hidden state (a token's loss depends on no other),
+  and the backward pass only scales it: no logits are kept or recomputed. When the
+  head trains too (the demo's base model), the backward pass recomputes a chunk's
+  logits at a time (with one chunk, it keeps them).
   """
   b, m, d = h.shape
   per_row = max(1, min(m, loss_chunk // max(b, 1)))
@@ -88,17 +93,78 @@ def chunked_nll(trunk, h: jax.Array, ids: jax.Array, loss_chunk: int = LOSS_CHUN
   if n * per_row > m:
     h = jnp.pad(h, ((0, 0), (0, n * per_row - m), (0, 0)))
     ids = jnp.pad(ids, ((0, 0), (0, n * per_row - m)))
+  norm_def, norm_state = nnx.split(trunk.norm)
+  return _head_nll(norm_def, trunk.config.final_softcap, per_row, (norm_state, trunk.head_weight()), h, ids)[:, :m]
 
-  def nll(hc, yc):
-    logits = trunk.logits(hc)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
 
-  if n == 1:
-    return nll(h, ids)[:, :m]
-  hs = h.reshape(b, n, per_row, d).swapaxes(0, 1)  # [n, b, per_row, d]: rows stay where the batch is sharded
-  ys = ids.reshape(b, n, per_row).swapaxes(0, 1)
-  out = jax.lax.map(lambda xy: jax.checkpoint(nll)(*xy), (hs, ys))
-  return out.swapaxes(0, 1).reshape(b, n * per_row)[:, :m]
+def _chunk_nll(norm_def, softcap, params, hc, yc):
+  norm_state, w = params
+  logits = modeling.head_logits(nnx.merge(norm_def, norm_state), w, hc, softcap)
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+
+
+def _chunks(x, per_row: int):
+  """`[b, n * per_row, ...] -> [n, b, per_row, ...]`: rows stay where the batch is sharded."""
+  return x.reshape(x.shape[0], -1, per_row, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x):
+  return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _map_chunks(fn, per_row: int, *xs):
+  """`fn` over the token chunks of `xs` (`[b, n * per_row, ...]` each), results unchunked."""
+  if xs[0].shape[1] == per_row:
+    return fn(*xs)
+  return jax.tree.map(_unchunk, jax.lax.map(lambda c: fn(*c), tuple(_chunks(x, per_row) for x in xs)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _head_nll(norm_def, softcap, per_row, params, h, ids):
+  """`chunked_nll`'s chunks; `params` = (final norm's state, head weight)."""
+  return _map_chunks(functools.partial(_chunk_nll, norm_def, softcap, params), per_row, h, ids)
+
+
+def _head_nll_fwd(norm_def, softcap, per_row, params, h, ids):
+  values = jax.tree.map(lambda p: p.value, params)
+  h, ids = h.value, ids.value
+  nll = functools.partial(_chunk_nll, norm_def, softcap)
+  if any(p.perturbed for p in jax.tree.leaves(params)):  # the head trains
+    if h.shape[1] == per_row:
+      out, vjp = jax.vjp(lambda p, x: nll(p, x, ids), values, h)
+      return out, {"vjp": vjp}
+    return _head_nll(norm_def, softcap, per_row, values, h, ids), {"inputs": (values, h, ids)}
+
+  def with_grad(hc, yc):  # each token's loss and its gradient with respect to its own hidden state
+    out, vjp = jax.vjp(lambda x: nll(values, x, yc), hc)
+    return out, vjp(jnp.ones_like(out))[0]
+
+  out, dh = _map_chunks(with_grad, per_row, h, ids)
+  return out, {"dh": dh}
+
+
+def _head_nll_bwd(norm_def, softcap, per_row, res, g):
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None, None
+  if "dh" in res:
+    return None, (g[..., None] * res["dh"]).astype(res["dh"].dtype), None
+  if "vjp" in res:
+    return (*res["vjp"](g), None)
+  values, h, ids = res["inputs"]
+  nll = functools.partial(_chunk_nll, norm_def, softcap)
+
+  def chunk(acc, c):  # recomputes one chunk's logits; the head's gradient adds up over chunks
+    hc, yc, gc = c
+    _, vjp = jax.vjp(lambda p, x: nll(p, x, yc), values, hc)
+    dp, dx = vjp(gc)
+    return jax.tree.map(jnp.add, acc, dp), dx
+
+  dp, dx = jax.lax.scan(chunk, jax.tree.map(jnp.zeros_like, values),
+                        (_chunks(h, per_row), _chunks(ids, per_row), _chunks(g, per_row)))
+  return dp, _unchunk(dx), None
+
+
+_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd, symbolic_zeros=True)
 
 
 def target_nll(trunk, prompt, batch: dict[str, jax.Array], bias_scale=1.0, loss_chunk: int = LOSS_CHUNK):

@@ -228,6 +228,63 @@ def test_target_only_chunked_loss_equals_full_logits(trunk, loss_chunk, with_pro
   np.testing.assert_array_equal(np.asarray(c), np.asarray(mask.sum(-1)))
 
 
+def _head_test_trunk(family):
+  """A tiny Llama, or a tiny Gemma 2 (tied head, soft-capped logits, (1 + w) final norm), whose head
+  `[96, 32]` has a shape no other weight has."""
+  import dataclasses
+
+  if family == "llama":
+    return Trunk(TrunkConfig.llama(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   ffn_dim=64), rngs=nnx.Rngs(0))
+  cfg = dataclasses.replace(TrunkConfig.gemma2_27b(), vocab_size=96, d_model=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8, ffn_dim=64, layer_types=("sliding_attention", "full_attention"),
+                            sliding_window=4, query_pre_attn_scalar=8)
+  return Trunk(cfg, rngs=nnx.Rngs(0))
+
+
+# What trains: soft prompts or LoRA adapters (the head frozen), or every weight of the trunk.
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("trains", ["prompt", "lora", "trunk"])
+def test_head_products_per_target_token(family, trains):
+  """Differentiated over several chunks, the loss multiplies each target token by the head twice when
+  the head is frozen (logits, and the gradient with respect to the hidden state, both in the forward
+  pass) and four times when it trains (logits, logits recomputed, hidden-state and head gradients):
+  hand-counted FLOPs of the gradient's products with the head. The gradients equal full logits'."""
+  from launch.benchmark import matmul_flops
+  from persomux.models import lora
+
+  t = _head_test_trunk(family)
+  batch = {k: jnp.asarray(v) for k, v in ragged_batch().items()}  # 5 rows x 16 target slots
+  pm = new_prompt() if trains == "prompt" else None
+  if trains == "lora":
+    lora.attach(t, lora.LoRAConfig(rank=2, targets=("q_proj", "v_proj")), seed=1)
+    for _, _, a in lora.adapters(t):
+      a.b[...] = 0.1 * jnp.ones_like(a.b[...])
+  try:
+    owner, wrt = ((pm, prompts.PromptParam) if trains == "prompt" else
+                  (t, lora.LoRAParam) if trains == "lora" else (t, nnx.Param))
+
+    def loss(fn):
+      def f(o):
+        tt, p = (t, o) if trains == "prompt" else (o, None)
+        return fn(tt, p)
+      return lambda o: nnx.grad(f, argnums=nnx.DiffState(0, wrt))(o)
+
+    ours = loss(lambda tt, p: train.mean_loss(tt, p, batch, 1.0, 20))  # 4 target slots per row and chunk
+    ref = loss(lambda tt, p: (lambda nll, m: nll.sum() / m.sum())(*full_logits_nll(tt, p, batch)))
+    v, d = t.config.vocab_size, t.config.d_model
+    head = lambda *shapes: (v, d) in shapes
+    flops = matmul_flops(jax.make_jaxpr(ours)(owner).jaxpr, head)
+    per_product = 2 * 5 * 16 * v * d
+    assert flops == (4 if trains == "trunk" else 2) * per_product, (flops, per_product)
+    ga, gb = nnx.jit(ours)(owner), nnx.jit(ref)(owner)
+    for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(ga)), jax.tree.leaves(nnx.to_pure_dict(gb))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  finally:
+    if trains == "lora":
+      lora.detach(t)
+
+
 def test_the_loss_never_forms_batch_seq_vocab_logits():
   """The compiled loss and gradient need far less than `[batch, seq, vocab]` float32 logits, and far
   less than all targets' logits at once: with `loss_chunk`, one chunk of logits exists at a time."""

@@ -144,6 +144,14 @@ def linear(x, w, b=None):
   return y if b is None else y + b
 
 
+def head_logits(norm, w: jax.Array, h: jax.Array, softcap: float | None) -> jax.Array:
+  """`Trunk.logits` from its parts: the final `norm`, the head `w` `[vocab, d]` and the soft cap."""
+  logits = linear(norm(h), w).astype(jnp.float32)
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return logits
+
+
 class Linear(nnx.Module):
   """A projection `x @ weight.T (+ bias)` with `weight` `[out, in]` (Hugging Face layout).
 
@@ -549,13 +557,11 @@ class Trunk(nnx.Module):
   @_auto_axes
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm, LM head and soft-capping: `[batch, seq, d_model] -> [batch, seq, vocab]`."""
-    h = self.norm(h)
-    head = self.embed_tokens if self.lm_head is None else self.lm_head
-    logits = linear(h, head[...]).astype(jnp.float32)
-    if self.config.final_softcap:
-      cap = self.config.final_softcap
-      logits = jnp.tanh(logits / cap) * cap
-    return logits
+    return head_logits(self.norm, self.head_weight(), h, self.config.final_softcap)
+
+  def head_weight(self) -> jax.Array:
+    """The LM head `[vocab, d_model]`: the embedding when they are tied."""
+    return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
 
   @_auto_axes
   def hidden_states(self, inputs_embeds, attention_mask=None, positions=None) -> jax.Array:
