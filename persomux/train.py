@@ -87,7 +87,7 @@ def chunked_nll(trunk, h: jax.Array, ids: jax.Array, loss_chunk: int = LOSS_CHUN
   head trains too (the demo's base model), the backward pass recomputes a chunk's
   logits at a time (with one chunk, it keeps them).
   """
-  b, m, d = h.shape
+  b, m = h.shape[:2]
   per_row = max(1, min(m, loss_chunk // max(b, 1)))
   n = -(-m // per_row)
   if n * per_row > m:
@@ -133,7 +133,7 @@ def _head_nll_fwd(norm_def, softcap, per_row, params, h, ids):
     if h.shape[1] == per_row:
       out, vjp = jax.vjp(lambda p, x: nll(p, x, ids), values, h)
       return out, {"vjp": vjp}
-    return _head_nll(norm_def, softcap, per_row, values, h, ids), {"inputs": (values, h, ids)}
+    return _map_chunks(functools.partial(nll, values), per_row, h, ids), {"inputs": (values, h, ids)}
 
   def with_grad(hc, yc):  # each token's loss and its gradient with respect to its own hidden state
     out, vjp = jax.vjp(lambda x: nll(values, x, yc), hc)

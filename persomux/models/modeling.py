@@ -144,14 +144,6 @@ def linear(x, w, b=None):
   return y if b is None else y + b
 
 
-def head_logits(norm, w: jax.Array, h: jax.Array, softcap: float | None) -> jax.Array:
-  """`Trunk.logits` from its parts: the final `norm`, the head `w` `[vocab, d]` and the soft cap."""
-  logits = linear(norm(h), w).astype(jnp.float32)
-  if softcap:
-    logits = jnp.tanh(logits / softcap) * softcap
-  return logits
-
-
 class Linear(nnx.Module):
   """A projection `x @ weight.T (+ bias)` with `weight` `[out, in]` (Hugging Face layout).
 
@@ -516,6 +508,15 @@ def _auto_axes(method):
   return wrapped
 
 
+@_auto_axes
+def head_logits(norm, w: jax.Array, h: jax.Array, softcap: float | None) -> jax.Array:
+  """`Trunk.logits` from its parts: the final `norm`, the head `w` `[vocab, d]` and the soft cap."""
+  logits = linear(norm(h), w).astype(jnp.float32)
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return logits
+
+
 class Trunk(nnx.Module):
   """A decoder-only language model.
 
@@ -554,7 +555,6 @@ class Trunk(nnx.Module):
     return {FULL: attention_mask(q_positions, k_positions, k_valid, None),
             SLIDING: attention_mask(q_positions, k_positions, k_valid, self.config.sliding_window)}
 
-  @_auto_axes
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm, LM head and soft-capping: `[batch, seq, d_model] -> [batch, seq, vocab]`."""
     return head_logits(self.norm, self.head_weight(), h, self.config.final_softcap)
